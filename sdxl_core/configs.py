@@ -275,6 +275,26 @@ OPENCLIP_BIGG = TextEncoderConfig(
     hidden_act="gelu", projection_dim=1280, with_projection=True,
 )
 
+# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (also the refiner's).
+SDXL_SCHEDULER_CONFIG = {
+    "_class_name": "EulerDiscreteScheduler",
+    "_diffusers_version": "0.19.0.dev0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
+}
+
 # --- tiny, random weights: tests and the embedded default model -------------------
 # Same structure as the full size (3 UNet levels for the base, 4 for the refiner, an
 # 8x VAE), narrow enough that a 20-step 64x64 run takes well under a second on CPU.
@@ -283,9 +303,10 @@ TINY_CLIP_L = TextEncoderConfig(
     hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
     hidden_act="quick_gelu", projection_dim=32, with_projection=False,
 )
+# bigG wider than CLIP-L, as at full size: diffusers' single-file loader tells them apart by width.
 TINY_OPENCLIP_BIGG = TextEncoderConfig(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    hidden_act="gelu", projection_dim=32, with_projection=True,
+    hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    hidden_act="gelu", projection_dim=48, with_projection=True,
 )
 TINY_BASE_UNET = UNetConfig(
     block_out_channels=(32, 64, 64),

@@ -19,38 +19,23 @@ import torch
 from torch import nn
 
 from sdxl_core.configs import (
-    TINY_BASE_UNET, TINY_CLIP_L, TINY_INPAINT_UNET, TINY_OPENCLIP_BIGG, TINY_REFINER_UNET, TINY_VAE,
+    SDXL_SCHEDULER_CONFIG,
+    TINY_BASE_UNET,
+    TINY_CLIP_L,
+    TINY_INPAINT_UNET,
+    TINY_OPENCLIP_BIGG,
+    TINY_REFINER_UNET,
+    TINY_VAE,
 )
 from sdxl_core.errors import WeightsNotFoundError
 from sdxl_core.loading.components import SDXLComponents, empty_text_encoder, empty_unet, empty_vae
 from sdxl_core.loading.folder import PAD_TOKENS, save_components
 from sdxl_core.loading.single_file import save_single_file
 from sdxl_core.loading.strict import TensorSpec, load_strict
-from sdxl_core.tokenizers import load_tokenizer, write_tokenizer_files
+from sdxl_core.tokenizers import cache_dir, load_tokenizer, write_tokenizer_files
 
 TINY_MODEL_NAME = "tiny-sdxl-v1"  # bump when the generated weights change
 SEED = 20230726  # SDXL 1.0's release date
-
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (also the refiner's).
-SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler",
-    "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "interpolation_type": "linear",
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-    "use_karras_sigmas": False,
-}
-
 
 def random_init(model: nn.Module, seed_name: str) -> nn.Module:
     """Fill a meta model with seeded values: LeCun-normal weights, norm scales near 1, small biases.
@@ -87,7 +72,7 @@ def tiny_components(model_type: str) -> SDXLComponents:
         text_encoder_2=random_init(empty_text_encoder(TINY_OPENCLIP_BIGG), "text_encoder_2"),
         tokenizer=_tokenizer("tokenizer") if with_clip_l else None,
         tokenizer_2=_tokenizer("tokenizer_2"),
-        scheduler_config=dict(SCHEDULER_CONFIG),
+        scheduler_config=dict(SDXL_SCHEDULER_CONFIG),
         force_zeros_for_empty_prompt=model_type != "refiner",
     )
 
@@ -109,9 +94,9 @@ def write_tiny_models(out_dir: str | Path) -> Path:
 
 
 def default_model_dir() -> Path:
-    """$SDXL_MODEL_DIR, else ~/.cache/sdxl/tiny-sdxl-v1."""
+    """$SDXL_MODEL_DIR, else $SDXL_CACHE_DIR/tiny-sdxl-v1 (~/.cache/sdxl/tiny-sdxl-v1)."""
     env = os.environ.get("SDXL_MODEL_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "sdxl" / TINY_MODEL_NAME
+    return Path(env) if env else cache_dir() / TINY_MODEL_NAME
 
 
 def ensure_tiny_model(dir: str | Path | None = None) -> Path:

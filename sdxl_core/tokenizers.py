@@ -34,7 +34,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
     return Path(os.environ.get("SDXL_CACHE_DIR") or Path.home() / ".cache" / "sdxl")
 
 
@@ -56,7 +56,7 @@ def bpe_merges_path(find_links: str | Path | None = None) -> Path:
         if not path.is_file():
             raise FileNotFoundError(f"SDXL_BPE_PATH={env} is not a file; point it at {BPE_FILENAME}")
         return _check_sha256(path, "SDXL_BPE_PATH")
-    cached = _cache_dir() / BPE_FILENAME
+    cached = cache_dir() / BPE_FILENAME
     if cached.is_file():
         return _check_sha256(cached, "cache; delete it to fetch again")
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def _download_wheel(folder: Path, find_links: str | Path | None) -> Path:
             f"could not fetch {BPE_FILENAME}: `{' '.join(cmd)} {OPEN_CLIP_WHEEL}` failed:\n"
             f"{result.stderr.strip()[-2000:]}\n"
             f"Set SDXL_BPE_PATH to a copy of {BPE_FILENAME} (open_clip/ in the {OPEN_CLIP_WHEEL} "
-            f"wheel), or place it in {_cache_dir()} (SDXL_CACHE_DIR)."
+            f"wheel), or place it in {cache_dir()} (SDXL_CACHE_DIR)."
         )
     return wheels[0]
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sdxl_core.attention import Transformer2DModel
-from sdxl_core.configs import UNetConfig
 from sdxl_core.conditioning import TimestepEmbedding, timestep_embedding
+from sdxl_core.configs import UNetConfig
 from sdxl_core.layers import Downsample2D, ResnetBlock2D, Upsample2D
 
 

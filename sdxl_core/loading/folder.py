@@ -23,7 +23,12 @@ from torch import nn
 from sdxl_core.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from sdxl_core.errors import ModelTypeMismatchError, UnknownModelTypeError, WeightsNotFoundError
 from sdxl_core.loading.components import (
-    SDXLComponents, empty_text_encoder, empty_unet, empty_vae, model_type, text_encoder_config,
+    SDXLComponents,
+    empty_text_encoder,
+    empty_unet,
+    empty_vae,
+    model_type,
+    text_encoder_config,
 )
 from sdxl_core.loading.strict import TensorSpec, checkpoint_specs, load_strict
 from sdxl_core.tokenizers import load_tokenizer, write_tokenizer_files

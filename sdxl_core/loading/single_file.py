@@ -17,12 +17,25 @@ import torch
 from torch import nn
 
 from sdxl_core.configs import (
-    CLIP_L, OPENCLIP_BIGG, SDXL_BASE_UNET, SDXL_INPAINT_UNET, SDXL_REFINER_UNET, SDXL_VAE,
-    TextEncoderConfig, UNetConfig, VAEConfig,
+    CLIP_L,
+    OPENCLIP_BIGG,
+    SDXL_BASE_UNET,
+    SDXL_INPAINT_UNET,
+    SDXL_REFINER_UNET,
+    SDXL_SCHEDULER_CONFIG,
+    SDXL_VAE,
+    TextEncoderConfig,
+    UNetConfig,
+    VAEConfig,
 )
 from sdxl_core.errors import CheckpointMismatchError, ModelTypeMismatchError, UnknownModelTypeError
 from sdxl_core.loading.components import (
-    SDXLComponents, empty_text_encoder, empty_unet, empty_vae, model_type, text_encoder_config,
+    SDXLComponents,
+    empty_text_encoder,
+    empty_unet,
+    empty_vae,
+    model_type,
+    text_encoder_config,
 )
 from sdxl_core.loading.folder import PAD_TOKENS, atomic_save_file, read_json
 from sdxl_core.loading.keymaps import KeyPair, prefixed
@@ -56,14 +69,6 @@ IGNORED_PREFIXES = {
     "model_ema.": "EMA copy of the UNet from training; like diffusers (extract_ema=False) we load the live weights",
 }
 
-# stabilityai/stable-diffusion-xl-base-1.0 scheduler/scheduler_config.json (the refiner's is the same).
-SDXL_SCHEDULER_CONFIG = {
-    "_class_name": "EulerDiscreteScheduler", "_diffusers_version": "0.19.0.dev0",
-    "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
-    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
-    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
-}
 OFFICIAL_UNETS = {"base": SDXL_BASE_UNET, "refiner": SDXL_REFINER_UNET, "inpainting": SDXL_INPAINT_UNET}
 EMPTY_MODELS = {"unet": empty_unet, "vae": empty_vae, "text_encoder": empty_text_encoder,
                 "text_encoder_2": empty_text_encoder}

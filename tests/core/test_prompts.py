@@ -1,10 +1,10 @@
 """Text encoders and SDXL prompt encoding against diffusers' pipelines on the same tiny weights."""
 
 import logging
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import REFERENCE_DIR
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -13,7 +13,7 @@ from sdxl_core.prompts import PromptEmbeddings, encode_prompt
 from sdxl_core.text_encoders import build_text_encoder, clip_text_config
 from sdxl_core.tokenizers import load_tokenizer, write_tokenizer_files
 
-REFERENCE = Path(__file__).parents[2].parent / "shared" / "reference" / "base"
+REFERENCE = REFERENCE_DIR / "base"
 FIELDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
 
 
@@ -28,8 +28,6 @@ def test_full_size_text_encoders_on_meta(config, folder, parameters):
     model = build_text_encoder(config, device="meta")
     assert sum(p.numel() for p in model.parameters()) == parameters
     assert model.config._attn_implementation == "sdpa"
-    if not REFERENCE.is_dir():
-        pytest.skip("official configs not present")
     cls = CLIPTextModelWithProjection if config.with_projection else CLIPTextModel
     with torch.device("meta"):
         official = cls(CLIPTextConfig.from_json_file(REFERENCE / folder / "config.json"))

@@ -7,28 +7,45 @@ original names into the same tensors, and its from_single_file must load our fil
 from __future__ import annotations
 
 import re
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers.loaders import single_file_utils as diffusers_sf
 from safetensors.torch import load_file, save_file
+from torch.testing import assert_close
 
 from sdxl_core.configs import (
-    CLIP_L, OPENCLIP_BIGG, SDXL_BASE_UNET, SDXL_INPAINT_UNET, SDXL_REFINER_UNET, SDXL_VAE, TINY_BASE_UNET,
-    TINY_CLIP_L, TINY_INPAINT_UNET, TINY_OPENCLIP_BIGG, TINY_REFINER_UNET, TINY_VAE,
+    CLIP_L,
+    OPENCLIP_BIGG,
+    SDXL_BASE_UNET,
+    SDXL_INPAINT_UNET,
+    SDXL_REFINER_UNET,
+    SDXL_VAE,
+    TINY_BASE_UNET,
+    TINY_CLIP_L,
+    TINY_INPAINT_UNET,
+    TINY_OPENCLIP_BIGG,
+    TINY_REFINER_UNET,
+    TINY_VAE,
 )
 from sdxl_core.errors import (
-    CheckpointMismatchError, ModelTypeMismatchError, UnknownModelTypeError, UnsafeCheckpointError,
+    CheckpointMismatchError,
+    ModelTypeMismatchError,
+    UnknownModelTypeError,
+    UnsafeCheckpointError,
 )
-from sdxl_core.loading.components import SDXLComponents, empty_text_encoder, empty_unet, empty_vae
-from sdxl_core.loading.folder import load_components, save_components
+from sdxl_core.loading.components import empty_text_encoder, empty_unet, empty_vae
+from sdxl_core.loading.folder import load_components
 from sdxl_core.loading.single_file import (
-    OPEN_CLIP_PREFIX, detect_model_type, load_single_file, save_single_file, single_file_keymaps,
+    OPEN_CLIP_PREFIX,
+    detect_model_type,
+    load_single_file,
+    save_single_file,
+    single_file_keymaps,
 )
 from sdxl_core.loading.strict import TensorSpec
-from sdxl_core.tiny import SCHEDULER_CONFIG, random_init
+from sdxl_core.tiny import random_init
 
 KINDS = ("base", "refiner", "inpainting")
 FULL = {"base": SDXL_BASE_UNET, "refiner": SDXL_REFINER_UNET, "inpainting": SDXL_INPAINT_UNET}
@@ -180,31 +197,31 @@ def test_pickle_checkpoint_is_refused_unless_allowed(tiny_model_dir, tmp_path):
 
 # --- diffusers reads our files ---------------------------------------------------------------
 
-# diffusers tells CLIP-L from bigG by width (single_file_utils.create_diffusers_clip_model_from_ldm):
-# with the TINY configs' equal widths it would load CLIP-L's tensors into text_encoder_2. So this
-# test gives bigG its own width, as SDXL 1.0 does (768 vs 1280).
-WIDE_BIGG = replace(TINY_OPENCLIP_BIGG, hidden_size=48, projection_dim=48)
-WIDE_UNETS = {kind: replace(TINY[kind], pooled_projection_dim=48,
-                            cross_attention_dim=48 if kind == "refiner" else TINY_CLIP_L.hidden_size + 48)
-              for kind in KINDS}
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_diffusers_from_single_file_loads_our_file(kind, tiny_model_dir, tmp_path, monkeypatch):
+def test_diffusers_from_single_file_loads_our_file_and_gives_our_outputs(kind, tiny_model_dir, inpainting_file,
+                                                                         monkeypatch):
     import diffusers
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    tiny = load_components(tiny_model_dir / kind)  # for its tokenizers
-    ours = SDXLComponents(**random_models(kind, WIDE_UNETS[kind], bigg=WIDE_BIGG), tokenizer=tiny.tokenizer,
-                          tokenizer_2=tiny.tokenizer_2, scheduler_config=dict(SCHEDULER_CONFIG),
-                          force_zeros_for_empty_prompt=kind != "refiner")
-    folder = save_components(ours, tmp_path / "config")
-    path = save_single_file(ours, tmp_path / "model.safetensors")
+    path, folder = single_file(tiny_model_dir, inpainting_file, kind), tiny_model_dir / kind
     pipeline = {"base": diffusers.StableDiffusionXLPipeline, "refiner": diffusers.StableDiffusionXLImg2ImgPipeline,
                 "inpainting": diffusers.StableDiffusionXLInpaintPipeline}[kind]
     pipe = pipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    ours = load_single_file(path, config=folder)
     assert_same_models(pipe, ours)
-    assert_same_models(load_single_file(path, config=folder), ours)
+
+    gen = torch.Generator().manual_seed(0)
+    c = ours.unet.config
+    sample = torch.randn(1, c.in_channels, 8, 8, generator=gen)
+    context = torch.randn(1, 77, c.cross_attention_dim, generator=gen)
+    pooled = torch.randn(1, c.pooled_projection_dim, generator=gen)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64][: c.num_time_ids]])
+    ids = ours.tokenizer_2(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = pipe.unet(sample, 500, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        assert_close(ours.unet(sample, 500, context, pooled, time_ids), want, atol=1e-5, rtol=0)
+        assert_close(ours.vae.decode(sample[:, :4]), pipe.vae.decode(sample[:, :4]).sample, atol=1e-5, rtol=0)
+        assert_close(ours.text_encoder_2(ids).text_embeds, pipe.text_encoder_2(ids).text_embeds, atol=1e-5, rtol=0)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -228,6 +245,7 @@ def test_file_without_bigg_is_an_unknown_model_type(base_tensors, tmp_path, tiny
 
 
 QKV = OPEN_CLIP_PREFIX["base"] + "transformer.resblocks.0.attn.in_proj_weight"
+BIGG_WIDTH = TINY_OPENCLIP_BIGG.hidden_size
 
 
 @pytest.mark.parametrize("name, value, named", [
@@ -237,7 +255,8 @@ QKV = OPEN_CLIP_PREFIX["base"] + "transformer.resblocks.0.attn.in_proj_weight"
      r"1 missing tensor\(s\): first_stage_model\.decoder\.mid\.attn_1\.q\.bias"),
     ("model.diffusion_model.out.2.weight", torch.zeros(4, 32, 1, 1),
      r"model\.diffusion_model\.out\.2\.weight \[4, 32, 1, 1\] \(model expects \[4, 32, 3, 3\]\)"),
-    (QKV, torch.zeros(97, 32), r"in_proj_weight \[97, 32\] \(model expects \[96, 32\]\)"),
+    (QKV, torch.zeros(3 * BIGG_WIDTH + 1, BIGG_WIDTH),
+     rf"in_proj_weight \[{3 * BIGG_WIDTH + 1}, {BIGG_WIDTH}\] \(model expects \[{3 * BIGG_WIDTH}, {BIGG_WIDTH}\]\)"),
 ], ids=["unexpected", "missing", "misshaped", "misshaped-stacked-qkv"])
 def test_tensor_mismatch_names_tensor_and_file(name, value, named, base_tensors, tmp_path, tiny_model_dir):
     if value is None:

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import sdxl_core.tiny as tiny
+from sdxl_core.configs import SDXL_SCHEDULER_CONFIG
 from sdxl_core.errors import WeightsNotFoundError
 from sdxl_core.loading.folder import load_components, save_components
 
 
-def test_generation_writes_the_same_bytes_every_time(tiny_model_dir, tmp_path, bpe):
+def test_generation_writes_the_same_bytes_every_time(tiny_model_dir, tmp_path):
     save_components(tiny.tiny_components("base"), tmp_path / "base")
     def files(root):
         return sorted(p.relative_to(root) for p in (root / "base").rglob("*") if p.is_file())
@@ -30,9 +31,15 @@ def test_refiner_and_inpainting_share_the_base_vae_and_bigg(tiny_model_dir):
         assert filecmp.cmp(base / part, inpainting / part, shallow=False)
     assert not (refiner / "text_encoder").exists() and not (refiner / "tokenizer").exists()
     assert json.loads((inpainting / "unet/config.json").read_text())["in_channels"] == 9
-    assert json.loads((refiner / "scheduler/scheduler_config.json").read_text()) == tiny.SCHEDULER_CONFIG
     for name in ("sd_xl_base_tiny.safetensors", "sd_xl_refiner_tiny.safetensors"):
         assert (tiny_model_dir / name).stat().st_size > 1e6
+
+
+@pytest.mark.parametrize("kind", ["base", "refiner"])
+def test_pipeline_files_are_byte_identical_to_the_official_ones(kind, tiny_model_dir, reference_dir):
+    for name in ("model_index.json", "scheduler/scheduler_config.json"):
+        assert (tiny_model_dir / kind / name).read_bytes() == (reference_dir / kind / name).read_bytes(), name
+    assert json.loads((reference_dir / kind / "scheduler/scheduler_config.json").read_text()) == SDXL_SCHEDULER_CONFIG
 
 
 @torch.no_grad()
@@ -41,7 +48,7 @@ def test_tiny_base_runs_end_to_end_with_moderate_activations(tiny_model_dir):
     ids = c.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
     clip_l = c.text_encoder(ids, output_hidden_states=True)
     bigg = c.text_encoder_2(ids, output_hidden_states=True)
-    context = torch.cat([clip_l.hidden_states[-2], bigg.hidden_states[-2]], dim=-1)  # (1, 77, 64)
+    context = torch.cat([clip_l.hidden_states[-2], bigg.hidden_states[-2]], dim=-1)  # (1, 77, 32 + 48)
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]])
     eps = c.unet(latents, torch.tensor([500.0]), context, bigg.text_embeds, time_ids)
@@ -95,4 +102,7 @@ def test_default_model_dir_follows_sdxl_model_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("SDXL_MODEL_DIR", str(tmp_path))
     assert tiny.default_model_dir() == tmp_path
     monkeypatch.delenv("SDXL_MODEL_DIR")
+    monkeypatch.setenv("SDXL_CACHE_DIR", str(tmp_path / "cache"))
+    assert tiny.default_model_dir() == tmp_path / "cache" / tiny.TINY_MODEL_NAME
+    monkeypatch.delenv("SDXL_CACHE_DIR")
     assert tiny.default_model_dir().parts[-3:] == (".cache", "sdxl", tiny.TINY_MODEL_NAME)

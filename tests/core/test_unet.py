@@ -8,16 +8,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import REFERENCE_DIR as REFERENCE
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from sdxl_core.conditioning import add_time_ids
 from sdxl_core.configs import (
-    SDXL_BASE_UNET, SDXL_INPAINT_UNET, SDXL_REFINER_UNET, TINY_BASE_UNET, TINY_INPAINT_UNET, TINY_REFINER_UNET,
+    SDXL_BASE_UNET,
+    SDXL_INPAINT_UNET,
+    SDXL_REFINER_UNET,
+    TINY_BASE_UNET,
+    TINY_INPAINT_UNET,
+    TINY_REFINER_UNET,
     UNetConfig,
 )
 from sdxl_core.unet import UNet
 
-REFERENCE = "/work/shared/reference"
 TOL = 1e-5
 
 

@@ -2,11 +2,11 @@
 
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import accelerate
 import pytest
 import torch
+from conftest import REFERENCE_DIR as REFERENCE
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.testing import assert_close
@@ -14,7 +14,6 @@ from torch.testing import assert_close
 from sdxl_core.configs import SDXL_VAE, TINY_VAE
 from sdxl_core.vae import AutoencoderKL, LatentDistribution, images_to_latents, latents_to_images
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference"
 SCALING = TINY_VAE.scaling_factor
 TOL = dict(atol=1e-5, rtol=0)
 SIZES = [(64, 64), (64, 96)]  # image (H, W), square and not
