@@ -8,15 +8,22 @@ PY := $(VENV)/bin/python
 # replaced (pyproject asks for a range). Override: make TORCH_SPEC='torch==2.5.1' test
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test bench tiny clean
+.PHONY: install protos test bench tiny clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed protos
+
+# sdxl.v1's Python code, generated in place beside the .proto files (gitignored, never edited).
+# The install generates it too, with the build's grpcio-tools; this uses the venv's, which matches
+# the venv's grpcio and protobuf (generated code refuses a runtime older than its generator).
+protos: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \
+		protos/sdxl/v1/*.proto
 
 test: install
 	$(PY) -m pytest -q

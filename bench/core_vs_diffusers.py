@@ -1,23 +1,27 @@
-"""UNet forward and VAE decode time of sdxl_core against diffusers: same config, same weights.
+"""UNet forward, VAE decode and a whole text2img of sdxl_core against diffusers: same configs, same weights.
 
 Run with `make bench` (or `python -m bench.core_vs_diffusers [--quick] [--device cuda --dtype float16]`).
-Both models share the very same weight tensors; runs alternate between the two and the
-fastest of each is compared, so the printed ratio is core time / diffusers time from one run.
+Both sides share the very same weight tensors (or load the same folder); runs alternate
+between the two and the fastest of each is compared, so the printed ratio is core time /
+diffusers time from one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from accelerate import init_empty_weights
 from diffusers import AutoencoderKL as DiffusersVAE
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.utils import logging as diffusers_logging
 
+from sdxl_core import SDXLPipeline
 from sdxl_core.configs import SDXL_BASE_UNET, SDXL_VAE, UNetConfig, VAEConfig
+from sdxl_core.tiny import ensure_tiny_model
 from sdxl_core.unet import UNet
 from sdxl_core.vae import AutoencoderKL
 
@@ -32,9 +36,8 @@ MID_VAE = replace(SDXL_VAE, block_out_channels=(64, 128, 256, 256))
 @dataclass
 class Case:
     name: str
-    ours: torch.nn.Module
-    reference: torch.nn.Module
-    inputs: tuple
+    ours: Callable[[], torch.Tensor]
+    reference: Callable[[], torch.Tensor]
     repeats: int
 
 
@@ -67,10 +70,10 @@ def unet_case(name: str, config: UNetConfig, latent: int, batch: int, dtype, dev
     pooled = torch.randn(batch, config.pooled_projection_dim, generator=gen).to(device, dtype)
     time_ids = torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024][: config.num_time_ids]] * batch, device=device, dtype=dtype)
     t = torch.tensor([500] * batch, device=device)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
     return Case(
-        name, ours, reference,
-        ((sample, t, context, pooled, time_ids), (sample, t, context, pooled, time_ids)),
-        repeats,
+        name, lambda: ours(sample, t, context, pooled, time_ids),
+        lambda: reference(sample, t, context, added_cond_kwargs=added).sample, repeats,
     )
 
 
@@ -81,18 +84,21 @@ def vae_case(name: str, config: VAEConfig, latent: int, dtype, device, repeats: 
     ours = _shared(AutoencoderKL, config, reference)
     z = torch.randn(1, config.latent_channels, latent, latent, generator=torch.Generator("cpu").manual_seed(1))
     z = z.to(device, dtype)
-    return Case(name, ours, reference, ((z,), (z,)), repeats)
+    return Case(name, lambda: ours.decode(z), lambda: reference.decode(z).sample, repeats)
 
 
-def _call(case: Case, which: str):
-    if which == "ours":
-        if isinstance(case.ours, UNet):
-            return case.ours(*case.inputs[0])
-        return case.ours.decode(*case.inputs[0])
-    if isinstance(case.reference, UNet2DConditionModel):
-        sample, t, context, pooled, time_ids = case.inputs[1]
-        return case.reference(sample, t, context, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-    return case.reference.decode(*case.inputs[1]).sample
+def text2img_case(name: str, size: int, steps: int, dtype, device, repeats: int) -> Case:
+    """The whole pipeline (prompt encoding, `steps` CFG steps, decode) on the tiny model, no watermark."""
+    folder = ensure_tiny_model() / "base"
+    ours = SDXLPipeline.from_pretrained(folder, torch_dtype=dtype, device=device, add_watermarker=False)
+    reference = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, add_watermarker=False).to(device)
+    reference.set_progress_bar_config(disable=True)
+    kwargs = {"prompt": "a red fox in the snow", "height": size, "width": size, "num_inference_steps": steps,
+              "output_type": "pt"}
+    return Case(
+        name, lambda: ours(seed=0, **kwargs).images,
+        lambda: reference(generator=torch.Generator("cpu").manual_seed(0), **kwargs).images, repeats,
+    )
 
 
 def _time(fn, device) -> float:
@@ -108,11 +114,12 @@ def _time(fn, device) -> float:
 def run(case: Case, device) -> tuple[float, float, float]:
     best = {"ours": float("inf"), "diffusers": float("inf")}
     with torch.inference_mode():
-        out_ours, out_ref = _call(case, "ours"), _call(case, "diffusers")  # warm-up, and a parity check
+        calls = {"ours": case.ours, "diffusers": case.reference}
+        out_ours, out_ref = case.ours(), case.reference()  # warm-up, and a parity check
         diff = (out_ours.float() - out_ref.float()).abs().max().item()
         for r in range(case.repeats):
             for which in ("ours", "diffusers")[:: 1 if r % 2 else -1]:  # alternate who goes first
-                best[which] = min(best[which], _time(lambda: _call(case, which), device))
+                best[which] = min(best[which], _time(calls[which], device))
     return best["ours"], best["diffusers"], diff
 
 
@@ -131,6 +138,7 @@ def main() -> None:
     builders = [
         ("unet mid-size, 64x64 latents, batch 2", lambda n: unet_case(n, MID_UNET, 64, 2, dtype, device, 4)),
         ("vae decode mid-size, 64x64 latents", lambda n: vae_case(n, MID_VAE, 64, dtype, device, 4)),
+        ("text2img tiny model, 1024x1024, 20 steps", lambda n: text2img_case(n, 1024, 20, dtype, device, 2)),
     ]
     if not args.quick:
         builders += [

@@ -13,6 +13,7 @@ from torch import nn
 from .configs import VAEConfig
 from .layers import Downsample2D, ResnetBlock2D, Upsample2D
 from .noise import GeneratorLike, randn
+from .offload import onload
 
 EPS = 1e-6  # every norm in the VAE; diffusers' vae.py hard-codes it
 
@@ -184,6 +185,7 @@ class AutoencoderKL(nn.Module):
 
 def _computing_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """The VAE to compute with: `vae`, or a float32 copy when half weights must be upcast."""
+    onload(vae)  # with model CPU offload, bring the VAE to its execution device first
     if not (vae.config.force_upcast and vae.dtype in (torch.float16, torch.bfloat16)):
         return vae
     # diffusers casts the shared VAE to float32 in place and back; a request-local copy

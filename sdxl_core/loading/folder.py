@@ -30,6 +30,7 @@ from sdxl_core.loading.components import (
     model_type,
     text_encoder_config,
 )
+from sdxl_core.loading.hub import model_folder
 from sdxl_core.loading.strict import TensorSpec, checkpoint_specs, load_strict
 from sdxl_core.tokenizers import load_tokenizer, write_tokenizer_files
 
@@ -50,8 +51,8 @@ def load_components(
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
 ) -> SDXLComponents:
-    """Every part of a diffusers SDXL folder (base, refiner or inpainting)."""
-    root = Path(path)
+    """Every part of a diffusers SDXL folder (base, refiner or inpainting), or of a hub id's snapshot."""
+    root = model_folder(path, variant)
     hint = "not a diffusers pipeline folder; for one component use load_unet, load_vae or load_text_encoder"
     index = read_json(root / "model_index.json", hint)
     listed = {name: _is_listed(index, name) for name in ("text_encoder", "tokenizer")}

@@ -1,0 +1,1 @@
+"""The wire contract: package sdxl.v1, generated from protos/ by the build."""

@@ -1,0 +1,247 @@
+"""Inpainting's stage functions: the mask, the latents it starts from, and denoising around the known region.
+
+Follows diffusers 0.42.1 pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl_inpaint.py
+(prepare_latents, _encode_vae_image, prepare_mask_latents and the denoising loop) and its
+mask_processor, VaeImageProcessor(do_normalize=False, do_binarize=True, do_convert_grayscale=True).
+A mask is 1 where the image is repainted, 0 where it is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from sdxl_core.denoise import Conditioning, DenoisingCancelled, OnStep, denoise
+from sdxl_core.latents import VAE_SCALE_FACTOR, to_tensor
+from sdxl_core.noise import GeneratorLike, randn
+from sdxl_core.schedulers.base import Schedule
+from sdxl_core.vae import AutoencoderKL, images_to_latents
+
+# --- masks in: mask_processor.preprocess
+
+
+def _first(image):
+    return image[0] if isinstance(image, list) and image else image
+
+
+def _mask_batch(mask) -> torch.Tensor:
+    """A mask array / tensor, or a list of them, -> (B, 1, H, W), reading 3-d inputs as diffusers does."""
+    if isinstance(mask, torch.Tensor) and mask.ndim == 3:
+        mask = mask.unsqueeze(1)  # (B, H, W) -> (B, 1, H, W)
+    items = mask if isinstance(mask, list) else [mask]
+    if isinstance(items[0], np.ndarray):
+        if items[0].ndim == 3:  # (H, W, 1) is one mask, (B, H, W) a batch
+            items = [m[None] if m.shape[-1] == 1 else m[..., None] for m in items]
+        x = np.concatenate(items) if items[0].ndim == 4 else np.stack(items)
+        x = torch.from_numpy(x if x.ndim == 4 else x[..., None]).permute(0, 3, 1, 2)
+    else:
+        x = torch.cat(items) if items[0].ndim == 4 else torch.stack(items)
+        x = x.unsqueeze(1) if x.ndim == 3 else x
+    if x.shape[1] != 1:
+        raise ValueError(f"`mask_image` must have one channel, got shape {tuple(x.shape)}")
+    return x.float()
+
+
+def is_latents(image) -> bool:
+    """A 4-channel tensor input is latents (a base's output_type="latent"), as diffusers reads it."""
+    image = _first(image)
+    return isinstance(image, torch.Tensor) and image.ndim >= 3 and image.shape[-3] == 4
+
+
+def image_size(image) -> tuple[int, int]:
+    """(height, width) in pixels of an image input: PIL, array (H, W, C), tensor (C, H, W), or latents."""
+    image = _first(image)
+    if isinstance(image, PIL.Image.Image):
+        return image.height, image.width
+    if isinstance(image, np.ndarray):
+        return tuple(image.shape[-3:-1])
+    if isinstance(image, torch.Tensor) and image.ndim >= 3:
+        h, w = image.shape[-2:]
+        return (VAE_SCALE_FACTOR * h, VAE_SCALE_FACTOR * w) if is_latents(image) else (h, w)
+    raise ValueError(f"`image` must be a PIL image, numpy array or tensor, or a list of one kind, got {image!r:.200}")
+
+
+def mask_size(mask_image) -> tuple[int, int]:
+    """(height, width) in pixels of a mask input: PIL, array (H, W[, 1]) / (B, H, W), tensor (H, W) / (B, [1,] H, W)."""
+    if isinstance(_first(mask_image), PIL.Image.Image):
+        return _first(mask_image).height, _first(mask_image).width
+    if not isinstance(_first(mask_image), (np.ndarray, torch.Tensor)):
+        raise ValueError(f"`mask_image` must be a PIL image, numpy array or tensor, got {mask_image!r:.200}")
+    return tuple(_mask_batch(mask_image).shape[-2:])
+
+
+def check_mask_matches(image, mask_image) -> None:
+    """The mask must cover the image pixel for pixel (latents count as 8x their size)."""
+    (h, w), (mh, mw) = image_size(image), mask_size(mask_image)
+    if (h, w) != (mh, mw):
+        raise ValueError(f"`image` is {h}x{w} (height x width) but `mask_image` is {mh}x{mw}; "
+                         f"pass a mask of the image's size")
+
+
+def preprocess_mask(mask_image, height: int, width: int) -> torch.Tensor:
+    """A mask input in [0, 1] -> (B, 1, height, width) float32 of 0 / 1 (threshold 0.5).
+
+    PIL masks are resized with Lanczos and converted to grayscale; arrays and tensors resized nearest.
+    """
+    if isinstance(_first(mask_image), PIL.Image.Image):
+        mask = to_tensor(mask_image, height, width, mode="L")
+    else:
+        mask = _mask_batch(mask_image)
+        if tuple(mask.shape[-2:]) != (height, width):
+            mask = F.interpolate(mask, size=(height, width))  # nearest
+    return (mask >= 0.5).float()
+
+
+def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The image (N, 3, H, W) with the region to repaint zeroed (0 is mid-grey in [-1, 1])."""
+    return image * (mask < 0.5)
+
+
+# --- latents: prepare_latents, _encode_vae_image and prepare_mask_latents
+
+
+def repeat_to_batch(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+    """(a, b) -> (a, b, a, b): diffusers' `x.repeat(batch_size // len(x), 1, 1, 1)`."""
+    if batch_size % x.shape[0]:
+        raise ValueError(f"cannot spread {x.shape[0]} {name}(s) over a batch of {batch_size} images; "
+                         f"pass one, or a number that divides prompts * num_images_per_prompt")
+    return x.repeat(batch_size // x.shape[0], 1, 1, 1)
+
+
+def encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> sampled latents (N, 4, H/8, W/8); image i uses generator[i] of a list."""
+    if isinstance(generator, list):
+        return torch.cat([images_to_latents(vae, images[i : i + 1], generator[i]) for i in range(images.shape[0])])
+    return images_to_latents(vae, images, generator)
+
+
+def skip_encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -> None:
+    """Draw what `encode` would draw from `generator`, without running the VAE.
+
+    diffusers encodes the masked image even for 4-channel UNets, which never see it; its latent
+    sample draws randn of the latents' shape, in the VAE's computing dtype, so later draws
+    (ancestral samplers) stay in step.
+    """
+    if generator is None:
+        return
+    upcast = vae.config.force_upcast and vae.dtype in (torch.float16, torch.bfloat16)
+    dtype = torch.float32 if upcast else vae.dtype
+    n, _, h, w = images.shape
+    latent = (vae.config.latent_channels, h // VAE_SCALE_FACTOR, w // VAE_SCALE_FACTOR)
+    if isinstance(generator, list):
+        for g in generator[:n]:
+            randn((1, *latent), g, vae.device, dtype)
+    else:
+        randn((n, *latent), generator, vae.device, dtype)
+
+
+def image_latents(
+    vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) -> VAE latents repeated to (batch_size, 4, H/8, W/8); latents (N, 4, h, w) are only repeated."""
+    image = image.to(device=device, dtype=dtype)
+    if image.shape[1] != vae.config.latent_channels:
+        image = encode(vae, image, generator).to(dtype)
+    return repeat_to_batch(image, batch_size, "image")
+
+
+def inpaint_latents(
+    vae: AutoencoderKL, image: torch.Tensor, schedule: Schedule, start: int, batch_size: int,
+    generator: GeneratorLike, device: torch.device, dtype: torch.dtype,
+    from_noise: bool, add_noise: bool = True, keep_image_latents: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(latents, noise, image_latents) to start denoising at step `start`, each (batch_size, 4, h, w).
+
+    latents: pure noise (from_noise: strength 1), the image latents noised to step `start`, or
+    the image latents as given (add_noise=False: denoising_start). The noise is drawn in every
+    case, after the image is encoded, as diffusers draws it; image_latents is None when neither
+    the start nor the caller (keep_image_latents: 4-channel UNets) needs them.
+    """
+    if isinstance(generator, list) and len(generator) != batch_size:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
+    is_latents = image.shape[1] == vae.config.latent_channels
+    needed = is_latents or keep_image_latents or not from_noise or not add_noise
+    latents_0 = image_latents(vae, image, batch_size, generator, device, dtype) if needed else None
+    h, w = image.shape[-2:] if is_latents else (s // VAE_SCALE_FACTOR for s in image.shape[-2:])
+    noise = randn((batch_size, vae.config.latent_channels, h, w), generator, device, dtype)
+    if not add_noise:
+        latents = latents_0
+    elif from_noise:
+        latents = noise * schedule.init_noise_sigma
+    else:
+        latents = schedule.sampler.add_noise(schedule, latents_0, noise, start)
+    return latents, noise, latents_0
+
+
+def mask_latents(mask: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The mask (N, 1, H, W) at latent size, nearest, repeated to (batch_size, 1, H/8, W/8)."""
+    h, w = (s // VAE_SCALE_FACTOR for s in mask.shape[-2:])
+    mask = F.interpolate(mask, size=(h, w)).to(device=device, dtype=dtype)  # nearest
+    return repeat_to_batch(mask, batch_size, "mask")
+
+
+# --- denoising: the loop of StableDiffusionXLInpaintPipeline.__call__
+
+
+@dataclass(frozen=True)
+class InpaintInputs:
+    """What inpainting adds to a denoising run, at latent size (B, C, h, w); None where the UNet kind needs none."""
+
+    mask: torch.Tensor  # (B, 1, h, w), 1 where to repaint
+    image_latents: torch.Tensor | None = None  # (B, 4, h, w) the known region, for 4-channel UNets
+    noise: torch.Tensor | None = None  # (B, 4, h, w) brings image_latents to each step's noise level
+    masked_image_latents: torch.Tensor | None = None  # (B, 4, h, w) for 9-channel inpainting UNets
+
+
+class InpaintingUNet:
+    """A 9-channel inpainting UNet called as a 4-channel one: [latents | mask | masked image latents] on channels."""
+
+    def __init__(self, unet: torch.nn.Module, mask: torch.Tensor, masked_image_latents: torch.Tensor):
+        self.unet, self.extra = unet, torch.cat([mask, masked_image_latents], dim=1)  # (B, 5, h, w)
+
+    def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
+        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # [negative, positive] under CFG
+        return self.unet(torch.cat([x, extra], dim=1), *args)
+
+
+@torch.no_grad()
+def denoise_inpaint(
+    unet: torch.nn.Module,
+    schedule: Schedule,
+    latents: torch.Tensor,
+    conditioning: Conditioning,
+    inputs: InpaintInputs,
+    start: int = 0,
+    end: int | None = None,
+    guidance_scale: float = 7.5,
+    guidance_rescale: float = 0.0,
+    generator: GeneratorLike = None,
+    on_step: OnStep | None = None,
+) -> torch.Tensor:
+    """`denoise` for inpainting: a 9-channel UNet sees the mask and masked image; with a 4-channel UNet
+    the known region is put back after each step, noised to the next step's level (clean after the last).
+    """
+    end = schedule.num_steps if end is None else end
+    if unet.config.in_channels != 4:
+        if inputs.masked_image_latents is None:
+            raise ValueError("an inpainting UNet needs the masked image: pass an image in pixels, "
+                             "or `masked_image_latents` with image latents")
+        unet = InpaintingUNet(unet, inputs.mask, inputs.masked_image_latents)
+        return denoise(unet, schedule, latents, conditioning, start, end, guidance_scale, guidance_rescale,
+                       generator, on_step=on_step)
+    state = {}  # the sampler's history, carried across the one-step calls
+    for i in range(start, end):
+        latents = denoise(unet, schedule, latents, conditioning, i, i + 1, guidance_scale, guidance_rescale,
+                          generator, state)
+        known = inputs.image_latents
+        if i + 1 < end:
+            known = schedule.sampler.add_noise(schedule, known, inputs.noise, i + 1)
+        latents = (1 - inputs.mask) * known + inputs.mask * latents
+        if on_step is not None and on_step(i - start, end - start, latents) is False:
+            raise DenoisingCancelled(i - start + 1, latents)
+    return latents

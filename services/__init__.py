@@ -1,0 +1,1 @@
+"""The gRPC stage servers and the orchestrator: thin adapters over sdxl_core stage functions."""

@@ -1,0 +1,50 @@
+"""The status code and message a client sees for each exception a servicer raises."""
+
+from __future__ import annotations
+
+import grpc
+
+from sdxl_core.errors import WeightsError
+
+
+class QueueFull(Exception):
+    """Every worker is busy and the queue is full; the client should retry later or elsewhere."""
+
+
+class Draining(Exception):
+    """The server is shutting down and takes no new work; another replica should."""
+
+
+class Cancelled(Exception):
+    """The client cancelled the request; stage code raises it to stop early."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed; stage code raises it to stop early."""
+
+
+class FailedPrecondition(Exception):
+    """The server cannot serve this request in its current state (e.g. the wrong model is loaded)."""
+
+
+# First match wins, so subclasses come before their bases.
+_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Draining, grpc.StatusCode.UNAVAILABLE),
+    (Cancelled, grpc.StatusCode.CANCELLED),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (WeightsError, grpc.StatusCode.FAILED_PRECONDITION),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
+)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """(code, message) for an exception; unknown ones are INTERNAL and name their type."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code, str(exc)
+    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
+        # A downstream call failed: its code passes through, so UNAVAILABLE stays retryable.
+        return exc.code(), exc.details() or ""
+    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
