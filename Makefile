@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # replaced (pyproject asks for a range). Override: make TORCH_SPEC='torch==2.5.1' test
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install protos test bench tiny clean
+.PHONY: install protos test bench tiny run clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,14 @@ test: install
 	$(PY) -m pytest -q
 
 bench: install
-	$(PY) -m bench.core_vs_diffusers
+	$(PY) -m bench.core_vs_diffusers && $(PY) -m bench.transport
 
 tiny: install
 	$(PY) -m sdxl_core.tiny .cache/tiny-sdxl
+
+# Five stage processes on the tiny model, one image with the ensemble refiner (out.png), then stop.
+run: install
+	$(PY) -m sdxl_client demo -o out.png
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache

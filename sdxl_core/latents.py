@@ -42,12 +42,32 @@ def noise_latents(
     return randn(shape, generator, device, dtype) * schedule.init_noise_sigma
 
 
-def _tile(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
+def tile(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
     """Repeat the whole batch to batch_size: (a, b) -> (a, b, a, b), as diffusers expands images."""
     if batch_size % x.shape[0] or x.shape[0] > batch_size:
         raise ValueError(f"cannot spread {x.shape[0]} {name}(s) over a batch of {batch_size} images; "
                          f"pass one, or as many as prompts * num_images_per_prompt")
     return torch.cat([x] * (batch_size // x.shape[0]))
+
+
+def sample_image_latents(
+    vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    """Images (N, 3, H, W) in [-1, 1] -> VAE latents (N, 4, H/8, W/8) sampled with `generator`.
+
+    With a list of generators the images are first tiled to the batch, one sample per generator:
+    (batch_size, 4, H/8, W/8), as diffusers' img2img prepare_latents.
+    """
+    image = image.to(device=device, dtype=dtype)
+    if isinstance(generator, list):
+        if len(generator) != batch_size:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
+        image = tile(image, batch_size, "image")
+        latents = torch.cat([images_to_latents(vae, image[i : i + 1], g) for i, g in enumerate(generator)])
+    else:
+        latents = images_to_latents(vae, image, generator)
+    return latents.to(dtype)
 
 
 def image_latents(
@@ -58,29 +78,9 @@ def image_latents(
 
     An image with 4 channels is already latents (the base's output_type="latent") and is only tiled.
     """
-    image = image.to(device=device, dtype=dtype)
     if image.shape[1] == vae.config.latent_channels:
-        return _tile(image, batch_size, "image")
-    if isinstance(generator, list):
-        if len(generator) != batch_size:
-            raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
-        image = _tile(image, batch_size, "image")
-        latents = torch.cat([images_to_latents(vae, image[i : i + 1], g) for i, g in enumerate(generator)])
-    else:
-        latents = images_to_latents(vae, image, generator)
-    return _tile(latents.to(dtype), batch_size, "image")
-
-
-def img2img_latents(
-    vae: AutoencoderKL, image: torch.Tensor, schedule: Schedule, start: int, batch_size: int,
-    generator: GeneratorLike, device: torch.device, dtype: torch.dtype, add_noise: bool = True,
-) -> torch.Tensor:
-    """img2img's start: image latents noised to step `start`, or left clean (add_noise=False: denoising_start)."""
-    latents = image_latents(vae, image, batch_size, generator, device, dtype)
-    if not add_noise:
-        return latents
-    noise = randn(latents.shape, generator, device, dtype)
-    return schedule.sampler.add_noise(schedule, latents, noise, start)
+        return tile(image.to(device=device, dtype=dtype), batch_size, "image")
+    return tile(sample_image_latents(vae, image, batch_size, generator, device, dtype), batch_size, "image")
 
 
 # --- images in: VaeImageProcessor.preprocess (resize to a multiple of 8, lanczos for PIL, nearest otherwise)

@@ -1,4 +1,4 @@
-"""Inpainting's stage functions: the mask, the latents it starts from, and denoising around the known region.
+"""Inpainting's pieces: the mask, encoding images, and denoising around the known region (sdxl_core.stages chains them).
 
 Follows diffusers 0.42.1 pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl_inpaint.py
 (prepare_latents, _encode_vae_image, prepare_mask_latents and the denoising loop) and its
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sdxl_core.denoise import Conditioning, DenoisingCancelled, OnStep, denoise
 from sdxl_core.latents import VAE_SCALE_FACTOR, to_tensor
-from sdxl_core.noise import GeneratorLike, randn
+from sdxl_core.noise import GeneratorLike
 from sdxl_core.schedulers.base import Schedule
 from sdxl_core.vae import AutoencoderKL, images_to_latents
 
@@ -101,7 +101,7 @@ def masked_image(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return image * (mask < 0.5)
 
 
-# --- latents: prepare_latents, _encode_vae_image and prepare_mask_latents
+# --- latents: _encode_vae_image and the repeats of prepare_latents and prepare_mask_latents
 
 
 def repeat_to_batch(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -119,70 +119,10 @@ def encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -
     return images_to_latents(vae, images, generator)
 
 
-def skip_encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -> None:
-    """Draw what `encode` would draw from `generator`, without running the VAE.
-
-    diffusers encodes the masked image even for 4-channel UNets, which never see it; its latent
-    sample draws randn of the latents' shape, in the VAE's computing dtype, so later draws
-    (ancestral samplers) stay in step.
-    """
-    if generator is None:
-        return
+def sample_dtype(vae: AutoencoderKL) -> torch.dtype:
+    """The dtype the VAE draws its posterior samples in: float32 when half weights are upcast, else the weights'."""
     upcast = vae.config.force_upcast and vae.dtype in (torch.float16, torch.bfloat16)
-    dtype = torch.float32 if upcast else vae.dtype
-    n, _, h, w = images.shape
-    latent = (vae.config.latent_channels, h // VAE_SCALE_FACTOR, w // VAE_SCALE_FACTOR)
-    if isinstance(generator, list):
-        for g in generator[:n]:
-            randn((1, *latent), g, vae.device, dtype)
-    else:
-        randn((n, *latent), generator, vae.device, dtype)
-
-
-def image_latents(
-    vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
-    device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:
-    """Images (N, 3, H, W) -> VAE latents repeated to (batch_size, 4, H/8, W/8); latents (N, 4, h, w) are only repeated."""
-    image = image.to(device=device, dtype=dtype)
-    if image.shape[1] != vae.config.latent_channels:
-        image = encode(vae, image, generator).to(dtype)
-    return repeat_to_batch(image, batch_size, "image")
-
-
-def inpaint_latents(
-    vae: AutoencoderKL, image: torch.Tensor, schedule: Schedule, start: int, batch_size: int,
-    generator: GeneratorLike, device: torch.device, dtype: torch.dtype,
-    from_noise: bool, add_noise: bool = True, keep_image_latents: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(latents, noise, image_latents) to start denoising at step `start`, each (batch_size, 4, h, w).
-
-    latents: pure noise (from_noise: strength 1), the image latents noised to step `start`, or
-    the image latents as given (add_noise=False: denoising_start). The noise is drawn in every
-    case, after the image is encoded, as diffusers draws it; image_latents is None when neither
-    the start nor the caller (keep_image_latents: 4-channel UNets) needs them.
-    """
-    if isinstance(generator, list) and len(generator) != batch_size:
-        raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
-    is_latents = image.shape[1] == vae.config.latent_channels
-    needed = is_latents or keep_image_latents or not from_noise or not add_noise
-    latents_0 = image_latents(vae, image, batch_size, generator, device, dtype) if needed else None
-    h, w = image.shape[-2:] if is_latents else (s // VAE_SCALE_FACTOR for s in image.shape[-2:])
-    noise = randn((batch_size, vae.config.latent_channels, h, w), generator, device, dtype)
-    if not add_noise:
-        latents = latents_0
-    elif from_noise:
-        latents = noise * schedule.init_noise_sigma
-    else:
-        latents = schedule.sampler.add_noise(schedule, latents_0, noise, start)
-    return latents, noise, latents_0
-
-
-def mask_latents(mask: torch.Tensor, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The mask (N, 1, H, W) at latent size, nearest, repeated to (batch_size, 1, H/8, W/8)."""
-    h, w = (s // VAE_SCALE_FACTOR for s in mask.shape[-2:])
-    mask = F.interpolate(mask, size=(h, w)).to(device=device, dtype=dtype)  # nearest
-    return repeat_to_batch(mask, batch_size, "mask")
+    return torch.float32 if upcast else vae.dtype
 
 
 # --- denoising: the loop of StableDiffusionXLInpaintPipeline.__call__

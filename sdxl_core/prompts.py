@@ -8,6 +8,7 @@ is the same code), without LoRA scaling, textual inversion or clip_skip.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -37,11 +38,18 @@ def _as_batch(name: str, prompt: Prompt, batch_size: int) -> list[str]:
     return prompts
 
 
+# A fast tokenizer keeps its padding / truncation settings on the shared Rust object and each call
+# resets them: two threads tokenizing at once can get each other's settings. Tokenizing is cheap.
+_TOKENIZER_LOCK = threading.Lock()
+
+
 def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids (B, 77): BOS, text, EOS, padding; a longer text is cut, with a warning quoting the cut."""
     max_length = tokenizer.model_max_length
-    padded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    for full in tokenizer(prompts, verbose=False).input_ids:
+    with _TOKENIZER_LOCK:
+        padded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        full_ids = tokenizer(prompts, verbose=False).input_ids
+    for full in full_ids:
         if len(full) > max_length:
             logger.warning(
                 "The following part of your input was truncated because CLIP can only handle sequences up to "

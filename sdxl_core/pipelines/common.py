@@ -12,16 +12,16 @@ from typing import Any
 
 import torch
 
-from sdxl_core.latents import VAE_SCALE_FACTOR, check_output_type, postprocess
+from sdxl_core.latents import VAE_SCALE_FACTOR, check_output_type
 from sdxl_core.loading import SDXLComponents, load_components, load_single_file
 from sdxl_core.loading.folder import load_text_encoder, load_unet, load_vae, read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.offload import enable_model_cpu_offload
 from sdxl_core.prompts import Prompt, PromptEmbeddings, encode_prompt
+from sdxl_core.stages import decode_stage
 from sdxl_core.tokenizers import load_tokenizer
-from sdxl_core.vae import latents_to_images
-from sdxl_core.watermark import apply_watermark, watermark_available
+from sdxl_core.watermark import watermark_available
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 LOADERS = {"unet": load_unet, "vae": load_vae, "text_encoder": load_text_encoder, "text_encoder_2": load_text_encoder}
@@ -174,10 +174,7 @@ class PipelineBase:
     def decode(self, latents: torch.Tensor, output_type: str):
         """Latents -> images of `output_type` (VAE decode, watermark, postprocess); "latent" returns them as they are."""
         if output_type != "latent":
-            images = latents_to_images(self.vae, latents)
-            if self.add_watermarker:
-                images = apply_watermark(images)
-            latents = postprocess(images, output_type)
+            latents = decode_stage(self.vae, latents, self.add_watermarker, output_type)
         for hook in self._offload_hooks:  # as diffusers' maybe_free_model_hooks: all back to the CPU
             hook.offload()
         return latents

@@ -1,4 +1,4 @@
-"""SDXL image-to-image, and the refiner: encode prompt -> image latents (+ noise) -> denoise -> decode.
+"""SDXL image-to-image, and the refiner: encode prompt -> encode_image_stage -> denoise_stage -> decode.
 
 Arguments and results follow diffusers 0.42.1 StableDiffusionXLImg2ImgPipeline
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl_img2img.py).
@@ -8,20 +8,14 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.denoise import Conditioning, OnStep, Size, denoise, img2img_time_ids
-from sdxl_core.latents import VAE_SCALE_FACTOR, img2img_latents, preprocess_image
+from sdxl_core.denoise import Conditioning, OnStep, Size, img2img_time_ids
+from sdxl_core.latents import VAE_SCALE_FACTOR, preprocess_image
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import (
-    check_fraction,
-    check_start_before_end,
-    check_strength,
-    end_index,
-    start_index,
-    strength_start_index,
-)
+from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
 from sdxl_core.schedulers import make_schedule
+from sdxl_core.stages import denoise_range, denoise_stage, encode_image_stage, fork
 
 
 class SDXLImg2ImgPipeline(PipelineBase):
@@ -80,22 +74,19 @@ class SDXLImg2ImgPipeline(PipelineBase):
         embeddings = self.encode_prompt(
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, guided)
         schedule = make_schedule(scheduler, num_inference_steps, self.scheduler_config, self.device)
-        if denoising_start is None:
-            start = strength_start_index(schedule, num_inference_steps, strength)
-        else:
-            start = start_index(schedule, denoising_start)
         batch_size = embeddings.prompt_embeds.shape[0]
-        latents = img2img_latents(
-            self.vae, preprocess_image(image), schedule, start, batch_size, generator, self.device,
-            self.unet.dtype, add_noise=denoising_start is None)
+        # Each side starts from the same generator state, as the VAE and denoiser stages start from the seed.
+        encoded = encode_image_stage(
+            self.vae, preprocess_image(image), batch_size, fork(generator), self.device, self.unet.dtype)
+        start, end = denoise_range(schedule, num_inference_steps, denoising_start, denoising_end, strength)
 
-        height, width = (VAE_SCALE_FACTOR * s for s in latents.shape[-2:])
+        height, width = (VAE_SCALE_FACTOR * s for s in encoded.image_latents.shape[-2:])
         time_ids = img2img_time_ids(
             self.unet.config, original_size or (height, width), crops_coords_top_left, target_size or (height, width),
             negative_original_size, negative_crops_coords_top_left, negative_target_size,
             aesthetic_score, negative_aesthetic_score)
         conditioning = Conditioning.from_prompt(embeddings, *time_ids)
-        latents = denoise(
-            self.unet, schedule, latents, conditioning, start, end_index(schedule, denoising_end, start),
-            guidance_scale, guidance_rescale, generator, on_step=on_step)
+        latents = denoise_stage(
+            self.unet, schedule, conditioning, start, end, guidance_scale, guidance_rescale, generator,
+            self.device, self.unet.dtype, image=encoded, add_noise=denoising_start is None, on_step=on_step)
         return SDXLPipelineOutput(self.decode(latents, output_type))

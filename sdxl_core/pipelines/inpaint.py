@@ -1,4 +1,4 @@
-"""SDXL inpainting: encode prompt -> image, mask and masked-image latents (+ noise) -> denoise -> decode.
+"""SDXL inpainting: encode prompt -> encode_inpaint_stage -> denoise_stage -> decode.
 
 Arguments and results follow diffusers 0.42.1 StableDiffusionXLInpaintPipeline
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl_inpaint.py), without padding_mask_crop.
@@ -10,31 +10,13 @@ import torch
 
 from sdxl_core.denoise import Conditioning, OnStep, Size, img2img_time_ids
 from sdxl_core.latents import preprocess_image
-from sdxl_core.masks import (
-    InpaintInputs,
-    check_mask_matches,
-    denoise_inpaint,
-    image_latents,
-    image_size,
-    inpaint_latents,
-    is_latents,
-    mask_latents,
-    masked_image,
-    preprocess_mask,
-    skip_encode,
-)
+from sdxl_core.masks import check_mask_matches, image_size, is_latents, preprocess_mask
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, check_size, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import (
-    check_fraction,
-    check_start_before_end,
-    check_strength,
-    end_index,
-    start_index,
-    strength_start_index,
-)
+from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
 from sdxl_core.schedulers import make_schedule
+from sdxl_core.stages import denoise_range, denoise_stage, encode_inpaint_stage, fork
 
 
 class SDXLInpaintPipeline(PipelineBase):
@@ -117,42 +99,21 @@ class SDXLInpaintPipeline(PipelineBase):
             prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, guided)
         batch_size, dtype = embeddings.prompt_embeds.shape[0], self.unet.dtype
         schedule = make_schedule(scheduler, num_inference_steps, self.scheduler_config, self.device)
-        if denoising_start is None:
-            start = strength_start_index(schedule, num_inference_steps, strength)
-        else:
-            start = start_index(schedule, denoising_start)
-
-        latents, noise, known = inpaint_latents(
-            self.vae, init_image, schedule, start, batch_size, generator, self.device, dtype,
-            from_noise=strength == 1.0, add_noise=denoising_start is None,
-            keep_image_latents=self.unet.config.in_channels == 4)
-        masked = self._masked_image_latents(init_image, mask, masked_image_latents, batch_size, generator)
-        inputs = InpaintInputs(mask_latents(mask, batch_size, self.device, dtype), known, noise, masked)
+        start, end = denoise_range(schedule, num_inference_steps, denoising_start, denoising_end, strength)
+        from_noise = strength == 1.0
+        # Each side starts from the same generator state, as the VAE and denoiser stages start from the seed.
+        encoded = encode_inpaint_stage(
+            self.vae, init_image, mask, batch_size, fork(generator), self.device, dtype,
+            encode_image=self.unet.config.in_channels == 4 or not from_noise or denoising_start is not None,
+            masked_image_latents=self.unet.config.in_channels != 4, given_masked_image_latents=masked_image_latents)
 
         time_ids = img2img_time_ids(
             self.unet.config, original_size or (height, width), crops_coords_top_left, target_size or (height, width),
             negative_original_size, negative_crops_coords_top_left, negative_target_size,
             aesthetic_score, negative_aesthetic_score)
         conditioning = Conditioning.from_prompt(embeddings, *time_ids)
-        latents = denoise_inpaint(
-            self.unet, schedule, latents, conditioning, inputs, start, end_index(schedule, denoising_end, start),
-            guidance_scale, guidance_rescale, generator, on_step)
+        latents = denoise_stage(
+            self.unet, schedule, conditioning, start, end, guidance_scale, guidance_rescale, generator,
+            self.device, dtype, image=encoded, add_noise=denoising_start is None, from_noise=from_noise,
+            on_step=on_step)
         return SDXLPipelineOutput(self.decode(latents, output_type))
-
-    def _masked_image_latents(
-        self, init_image: torch.Tensor, mask: torch.Tensor, given: torch.Tensor | None, batch_size: int,
-        generator: GeneratorLike,
-    ) -> torch.Tensor | None:
-        """The masked image's latents (batch_size, 4, h, w) for a 9-channel UNet, as prepare_mask_latents.
-
-        None when image latents are given without them; a 4-channel UNet never sees them, so only the
-        generator is advanced as diffusers' unused encode would.
-        """
-        if given is None and init_image.shape[1] == self.vae.config.latent_channels:
-            return None
-        source = given if given is not None else masked_image(init_image, mask)
-        if self.unet.config.in_channels == 4:
-            if given is None:
-                skip_encode(self.vae, source, generator)
-            return None
-        return image_latents(self.vae, source, batch_size, generator, self.device, self.unet.dtype)

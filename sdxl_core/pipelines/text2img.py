@@ -1,4 +1,4 @@
-"""SDXL text-to-image: encode prompt -> noise -> denoise -> decode -> watermark -> postprocess.
+"""SDXL text-to-image: encode prompt -> denoise_stage (from noise) -> decode -> watermark -> postprocess.
 
 Arguments and results follow diffusers 0.42.1 StableDiffusionXLPipeline
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py).
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.denoise import Conditioning, OnStep, Size, denoise, text2img_time_ids
-from sdxl_core.latents import noise_latents
+from sdxl_core.denoise import Conditioning, OnStep, Size, text2img_time_ids
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, check_size, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import check_fraction, end_index
+from sdxl_core.ranges import check_fraction
 from sdxl_core.schedulers import make_schedule
+from sdxl_core.stages import denoise_range, denoise_stage
 
 
 class SDXLPipeline(PipelineBase):
@@ -70,12 +70,8 @@ class SDXLPipeline(PipelineBase):
         conditioning = Conditioning.from_prompt(embeddings, *time_ids)
 
         schedule = make_schedule(scheduler, num_inference_steps, self.scheduler_config, self.device)
-        shape = (conditioning.batch_size, self.unet.config.in_channels, height // 8, width // 8)
-        if latents is None:
-            latents = noise_latents(shape, schedule, generator, self.device, self.unet.dtype)
-        else:  # diffusers scales given latents by init_noise_sigma too
-            latents = latents.to(self.device, self.unet.dtype) * schedule.init_noise_sigma
-        latents = denoise(
-            self.unet, schedule, latents, conditioning, 0, end_index(schedule, denoising_end),
-            guidance_scale, guidance_rescale, generator, on_step=on_step)
+        start, end = denoise_range(schedule, num_inference_steps, denoising_end=denoising_end)
+        latents = denoise_stage(
+            self.unet, schedule, conditioning, start, end, guidance_scale, guidance_rescale, generator,
+            self.device, self.unet.dtype, latents=latents, latent_size=(height // 8, width // 8), on_step=on_step)
         return SDXLPipelineOutput(self.decode(latents, output_type))

@@ -6,7 +6,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import DIFFUSERS_SCHEDULERS
 from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -29,6 +28,7 @@ from sdxl_core.loading import load_components
 from sdxl_core.prompts import PromptEmbeddings
 from sdxl_core.ranges import end_index, start_index, strength_start_index
 from sdxl_core.schedulers import SCHEDULERS, make_schedule
+from tests.oracle import DIFFUSERS_SCHEDULERS
 
 NAMES = sorted(SCHEDULERS)
 

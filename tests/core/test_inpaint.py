@@ -4,25 +4,17 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from diffusers import (
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    StableDiffusionXLInpaintPipeline,
-)
+from diffusers import StableDiffusionXLInpaintPipeline
 from diffusers.image_processor import VaeImageProcessor
 
 from sdxl_core import SDXLInpaintPipeline
 from sdxl_core.denoise import DenoisingCancelled
 from sdxl_core.masks import preprocess_mask
+from tests.oracle import DIFFUSERS_SCHEDULERS
 
 TOL = 1e-4
 PROMPT = "a red fox in the snow"
-DIFFUSERS_SCHEDULERS = {
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-}
+SCHEDULERS = ["dpmpp_2m", "euler", "euler_a"]
 
 
 def load_theirs(folder, **components):
@@ -77,7 +69,8 @@ def mask():
 
 
 def run_theirs(pipe, scheduler, seed, **kwargs):
-    pipe.scheduler = DIFFUSERS_SCHEDULERS[scheduler].from_config(pipe.model_scheduler_config)
+    cls, overrides = DIFFUSERS_SCHEDULERS[scheduler]
+    pipe.scheduler = cls.from_config(pipe.model_scheduler_config, **overrides)
     generator = [torch.Generator("cpu").manual_seed(s) for s in seed] if isinstance(seed, list) else \
         torch.Generator("cpu").manual_seed(seed)
     return pipe(generator=generator, **kwargs).images
@@ -125,7 +118,7 @@ def test_mask_preprocessing_matches_diffusers_mask_processor(name):
 
 
 @pytest.mark.parametrize("strength", [0.8, 1.0])
-@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_base_unet_blends_known_region_as_diffusers(base, theirs_base, image, mask, scheduler, strength):
     actual, expected = both(base, theirs_base, image, mask, scheduler, seed=7, strength=strength)
     assert actual.shape == (1, 64, 64, 3)
@@ -133,7 +126,7 @@ def test_base_unet_blends_known_region_as_diffusers(base, theirs_base, image, ma
 
 
 @pytest.mark.parametrize("strength", [0.8, 1.0])
-@pytest.mark.parametrize("scheduler", sorted(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_inpainting_unet_matches_diffusers(inpainting, theirs_inpainting, image, mask, scheduler, strength):
     actual, expected = both(inpainting, theirs_inpainting, image, mask, scheduler, seed=3, strength=strength)
     assert max_diff(actual, expected) <= TOL

@@ -5,7 +5,6 @@ import threading
 import numpy as np
 import pytest
 import torch
-from conftest import DIFFUSERS_SCHEDULERS
 from diffusers import (
     StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
@@ -15,6 +14,7 @@ from sdxl_core import SDXLImg2ImgPipeline, SDXLPipeline
 from sdxl_core.denoise import DenoisingCancelled
 from sdxl_core.schedulers import SCHEDULERS
 from sdxl_core.watermark import watermark_available
+from tests.oracle import DIFFUSERS_SCHEDULERS
 
 TOL = 1e-4
 PROMPT = "a red fox in the snow"

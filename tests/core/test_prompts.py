@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from conftest import REFERENCE_DIR
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -12,6 +11,7 @@ from sdxl_core.configs import CLIP_L, OPENCLIP_BIGG, TINY_CLIP_L, TINY_OPENCLIP_
 from sdxl_core.prompts import PromptEmbeddings, encode_prompt
 from sdxl_core.text_encoders import build_text_encoder, clip_text_config
 from sdxl_core.tokenizers import load_tokenizer, write_tokenizer_files
+from tests.oracle import REFERENCE_DIR
 
 REFERENCE = REFERENCE_DIR / "base"
 FIELDS = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
@@ -177,3 +177,17 @@ def test_long_prompt_is_truncated_with_a_warning_quoting_the_cut(base, caplog):
     assert torch.equal(truncated.pooled_prompt_embeds, exact.pooled_prompt_embeds)
     messages = [r.getMessage() for r in caplog.records if r.name == "sdxl_core.prompts"]
     assert messages and all("up to 77 tokens: 'zebra giraffe'" in m for m in messages)
+
+
+def test_threads_sharing_a_tokenizer_get_their_own_padding(tokenizers):
+    """A fast tokenizer's padding lives on the shared Rust object; concurrent calls must not mix it up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdxl_core.prompts import _tokenize
+
+    tokenizer = tokenizers[0]
+    prompts = [["a red fox"], ["a long prompt " * 30, "short"]]
+    expected = [_tokenize(tokenizer, p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda i: (i % 2, _tokenize(tokenizer, prompts[i % 2])), range(400)))
+    assert all(torch.equal(ids, expected[k]) for k, ids in results)

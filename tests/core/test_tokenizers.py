@@ -6,10 +6,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE_DIR
 from transformers import CLIPTokenizer
 
 from sdxl_core.tokenizers import BPE_FILENAME, bpe_merges_path, load_tokenizer, write_tokenizer_files
+from tests.oracle import REFERENCE_DIR
 
 REFERENCE = REFERENCE_DIR / "base"
 # Published with stabilityai/stable-diffusion-xl-base-1.0 (tokenizer/ and tokenizer_2/).

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import init_empty_weights
-from conftest import REFERENCE_DIR as REFERENCE
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
 from sdxl_core.conditioning import add_time_ids
@@ -22,6 +21,7 @@ from sdxl_core.configs import (
     UNetConfig,
 )
 from sdxl_core.unet import UNet
+from tests.oracle import REFERENCE_DIR as REFERENCE
 
 TOL = 1e-5
 

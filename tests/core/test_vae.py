@@ -6,13 +6,13 @@ from dataclasses import replace
 import accelerate
 import pytest
 import torch
-from conftest import REFERENCE_DIR as REFERENCE
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch.testing import assert_close
 
 from sdxl_core.configs import SDXL_VAE, TINY_VAE
 from sdxl_core.vae import AutoencoderKL, LatentDistribution, images_to_latents, latents_to_images
+from tests.oracle import REFERENCE_DIR as REFERENCE
 
 SCALING = TINY_VAE.scaling_factor
 TOL = dict(atol=1e-5, rtol=0)

@@ -1,0 +1,258 @@
+"""Start the five stage processes of `sdxl serve --all` on one host, watch them, and stop them."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+STAGES = ("text_encoder", "base", "refiner", "vae")  # started before the orchestrator, which is told their addresses
+_LISTENING = re.compile(r"listening on")
+_TAIL_LINES = 40
+
+
+class LaunchError(RuntimeError):
+    """A stage process failed to start or become SERVING."""
+
+
+class Aborted(RuntimeError):
+    """Startup was interrupted by a stop signal."""
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """`sdxl serve --all`'s options. No model path: the services' default (the tiny model)."""
+
+    base_model: str | None = None
+    refiner_model: str | None = None
+    no_refiner: bool = False
+    host: str = "[::]"
+    port: int = 50051  # the orchestrator's; 0 picks a free one
+    device: str | None = None  # every stage's, unless its own is given
+    text_encoder_device: str | None = None
+    base_device: str | None = None
+    refiner_device: str | None = None
+    vae_device: str | None = None
+    dtype: str | None = None
+    start_timeout_s: float = 600.0  # loading full-size weights from a cold disk takes minutes
+    grace_s: float = 30.0  # the stages drain for up to 25 s on SIGTERM
+
+    def __post_init__(self):
+        if self.base_model and not self.refiner_model and not self.no_refiner:
+            raise ValueError("--base-model needs --refiner-model too (or --no-refiner): the tiny refiner "
+                             "would not match a real base model")
+
+    def stage_args(self, stage: str) -> list[str]:
+        """The model, device and dtype arguments of one stage process."""
+        model = self.refiner_model if stage == "refiner" else self.base_model
+        args = ["--model", model] if model else []
+        if stage == "text_encoder" and self.refiner_model and not self.no_refiner:
+            args += ["--refiner-model", self.refiner_model]  # the refiner's own text encoder
+        device = getattr(self, f"{stage}_device") or self.device
+        args += ["--device", device] if device else []
+        args += ["--dtype", self.dtype] if self.dtype else []
+        return args
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (another process may take it before it is used)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _libc_prctl():
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True).prctl
+
+
+_PRCTL = _libc_prctl()  # looked up here: the child may only call it between fork and exec
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphaned stages if the launcher is killed
+
+
+@dataclass
+class Child:
+    """One stage process, its merged stdout/stderr tail, and whether it said it is listening."""
+
+    name: str
+    address: str  # where clients reach it
+    process: subprocess.Popen
+    tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_TAIL_LINES))
+    listening: threading.Event = field(default_factory=threading.Event)
+    reader: threading.Thread | None = None
+
+    def describe_failure(self, what: str) -> str:
+        """An error message with the process's exit status and its last output lines."""
+        code = self.process.poll()
+        if code is not None and self.reader is not None:
+            self.reader.join(2.0)  # its last lines may still be in the pipe
+        status = "still running" if code is None else f"exit status {code}"
+        lines = "".join(f"    {line}" for line in self.tail) or "    (no output)\n"
+        return f"{self.name} {what} ({status}); its last output:\n{lines}"
+
+
+def spawn(name: str, args: list[str], address: str, echo: TextIO | None = None) -> Child:
+    """Start `python -m sdxl_services NAME ARGS` with stdout and stderr merged into one watched pipe."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sdxl_services", name, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        text=True, bufsize=1, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509 - calls only a looked-up function
+    )
+    child = Child(name, address, process)
+    child.reader = threading.Thread(target=_pump, args=(child, echo), name=f"sdxl-{name}-output", daemon=True)
+    child.reader.start()
+    return child
+
+
+def _pump(child: Child, echo: TextIO | None) -> None:
+    for line in child.process.stdout:
+        child.tail.append(line)
+        if _LISTENING.search(line):
+            child.listening.set()
+        if echo is not None:
+            echo.write(f"[{child.name}] {line}")
+            echo.flush()
+
+
+def _serving(address: str, timeout: float) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def wait_ready(child: Child, deadline: float, abort: threading.Event | None = None) -> None:
+    """Wait for the "listening" line, then for health SERVING; LaunchError if it exits or time runs out."""
+    abort = abort or threading.Event()
+    while not child.listening.wait(0.2):
+        if abort.is_set():
+            raise Aborted(f"stopped while waiting for {child.name}")
+        if child.process.poll() is not None:
+            raise LaunchError(child.describe_failure("exited before listening"))
+        if time.monotonic() > deadline:
+            raise LaunchError(child.describe_failure("printed no 'listening on' line in time"))
+    while not _serving(child.address, timeout=1.0):
+        if abort.is_set():
+            raise Aborted(f"stopped while waiting for {child.name}")
+        if child.process.poll() is not None:
+            raise LaunchError(child.describe_failure("exited before SERVING"))
+        if time.monotonic() > deadline:
+            raise LaunchError(child.describe_failure("did not report SERVING in time"))
+        time.sleep(0.2)
+
+
+def stop(children: list[Child], grace_s: float = 30.0) -> dict[str, int]:
+    """SIGTERM each child (the orchestrator first, so it drains while the stages still serve), kill after grace."""
+    orchestrator = [c for c in children if c.name == "orchestrator"]
+    for group in (orchestrator, [c for c in children if c.name != "orchestrator"]):
+        for child in group:
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + grace_s
+        for child in group:
+            try:
+                child.process.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+    return {c.name: c.process.returncode for c in children}
+
+
+class Cluster:
+    """The five processes of one host: `with Cluster(options) as cluster: cluster.address`."""
+
+    def __init__(self, options: ServeOptions = ServeOptions(), echo: TextIO | None = None):
+        self.options = options
+        self.echo = echo
+        self.children: list[Child] = []
+        self.port = options.port or free_port()
+        host = "localhost" if options.host in ("[::]", "0.0.0.0", "") else options.host
+        self.address = f"{host}:{self.port}"  # where a client on this host reaches the orchestrator
+
+    def start(self, abort: threading.Event | None = None) -> None:
+        """Start every process and wait until each is SERVING; on failure stop them all and raise LaunchError."""
+        stages = [s for s in STAGES if not (s == "refiner" and self.options.no_refiner)]
+        addresses = {s: f"127.0.0.1:{free_port()}" for s in stages}
+        try:
+            for stage in stages:
+                args = [*self.options.stage_args(stage), "--address", addresses[stage]]
+                self.children.append(spawn(stage, args, addresses[stage], self.echo))
+            deadline = time.monotonic() + self.options.start_timeout_s
+            for child in self.children:
+                wait_ready(child, deadline, abort)
+            # Last, so its first connections find the stages up instead of backing off from refusals.
+            routes = [arg for s in stages for arg in (f"--{s.replace('_', '-')}", addresses[s])]
+            bind = f"{self.options.host}:{self.port}"
+            # The VAE stage replays the base's random draws for img2img / inpaint: it needs the base's dtype.
+            routes += ["--base-dtype", self.options.dtype] if self.options.dtype else []
+            self.children.append(spawn("orchestrator", [*routes, "--address", bind], self.address, self.echo))
+            wait_ready(self.children[-1], deadline, abort)
+        except BaseException:
+            self.stop()
+            raise
+
+    def endpoints(self) -> dict[str, str]:
+        """Each process's address, by stage name."""
+        return {c.name: c.address for c in self.children}
+
+    def failed(self) -> Child | None:
+        """A child that has exited, if any."""
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self) -> dict[str, int]:
+        """Stop every process; returns their exit codes by name."""
+        return stop(self.children, self.options.grace_s)
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | None = sys.stderr) -> int:
+    """Run `sdxl serve --all` until SIGINT / SIGTERM or a process dies; returns the exit status."""
+    stopping = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    cluster = Cluster(options, echo)
+    try:
+        cluster.start(stopping)
+        out.writelines(f"{name:<13} {address}\n" for name, address in cluster.endpoints().items())
+        out.write(f"serving on {cluster.address}\n")
+        out.flush()
+        while not stopping.wait(0.5):
+            if (dead := cluster.failed()) is not None:
+                sys.stderr.write(dead.describe_failure("stopped unexpectedly") + "stopping the others\n")
+                return 1
+        return 0
+    except LaunchError as e:
+        sys.stderr.write(f"sdxl serve --all: {e}")
+        return 1
+    except Aborted:
+        return 0
+    finally:
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

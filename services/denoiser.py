@@ -1,0 +1,314 @@
+"""The denoiser stage, base or refiner: Denoise runs a range of a schedule (sdxl_core.stages.denoise_stage).
+
+The base and the refiner serve the same service with a different UNet; the stage reads which off the UNet.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import secrets
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from google.protobuf import json_format
+
+from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc
+from sdxl_core.denoise import Conditioning, DenoisingCancelled, img2img_time_ids, text2img_time_ids
+from sdxl_core.latents import VAE_SCALE_FACTOR, preview
+from sdxl_core.loading import load_single_file, load_unet, model_type
+from sdxl_core.loading.folder import read_json
+from sdxl_core.loading.hub import model_folder
+from sdxl_core.prompts import PromptEmbeddings
+from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
+from sdxl_core.schedulers import SCHEDULERS, Schedule, make_schedule
+from sdxl_core.stages import Draws, EncodedImage, denoise_range, denoise_stage
+
+from . import calls
+from .errors import Cancelled
+from .server import Server, ServerOptions
+from .tensors import FLOATS, TensorAssembler, expect, to_proto, to_proto_chunks
+from .vae import DTYPES, wire_float_dtype
+
+SERVICE = "sdxl.v1.Denoiser"
+MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps is never useful
+MAX_SIDE = 8192  # pixels per side when no latents are sent; bounds the work of one call
+MAX_PREVIEW_BYTES = 1 << 20  # denoiser.proto: previews over 1 MiB are left out
+TENSOR_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+                "latents", "image_latents", "mask", "masked_image_latents")
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated Denoise call: what denoise_stage takes, and the seed of its generator."""
+
+    schedule: Schedule
+    start: int
+    end: int
+    conditioning: Conditioning
+    guidance_scale: float
+    guidance_rescale: float
+    seed: int
+    latents: torch.Tensor | None  # text2img: given starting latents
+    latent_size: tuple[int, int]  # (h, w)
+    image: EncodedImage | None  # img2img / inpaint
+    add_noise: bool  # False with denoising_start: the image latents are the start
+    from_noise: bool  # inpaint at strength 1
+    preview: bool
+
+
+def read_stream(requests: Iterator[denoiser_pb2.DenoiseRequest]) -> tuple[denoiser_pb2.DenoiseHeader, dict]:
+    """The header (first message, exactly once) and the tensors that follow it."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise ValueError("the first DenoiseRequest must carry the header")
+    assembler = TensorAssembler(names=TENSOR_NAMES)
+    for request in requests:
+        if request.WhichOneof("payload") != "chunk":
+            raise ValueError("after the header, every DenoiseRequest must carry a tensor chunk")
+        assembler.add(request.chunk)
+    return first.header, assembler.finish()
+
+
+def check_scalars(header: denoiser_pb2.DenoiseHeader, max_steps: int) -> None:
+    """Steps, guidance and fractions in range; ValueError names the field and its range."""
+    if header.scheduler and header.scheduler not in SCHEDULERS:
+        raise ValueError(f"`scheduler` {header.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
+    if not 1 <= header.num_inference_steps <= max_steps:
+        raise ValueError(f"`num_inference_steps` must be in [1, {max_steps}], got {header.num_inference_steps}")
+    if not math.isfinite(header.guidance_scale) or header.guidance_scale < 0:
+        raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {header.guidance_scale}")
+    if not (math.isfinite(header.guidance_rescale) and 0 <= header.guidance_rescale <= 1):
+        raise ValueError(f"`guidance_rescale` must be in [0, 1], got {header.guidance_rescale}")
+    start, end = _optional(header, "denoising_start"), _optional(header, "denoising_end")
+    check_fraction("denoising_start", start)
+    check_fraction("denoising_end", end)
+    check_start_before_end(start, end)
+    if header.HasField("strength"):
+        check_strength(header.strength)
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def scheduler_options(header: denoiser_pb2.DenoiseHeader) -> dict:
+    """The Struct as from_config kwargs: whole numbers (doubles on the wire) as ints."""
+    options = json_format.MessageToDict(header.scheduler_options)
+    return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
+
+
+class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
+    """Denoise over one UNet; holds no per-request state but a count of steps run (for tests and logs)."""
+
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS):
+        self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
+        self.steps_run = 0  # steps completed over all requests
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def Denoise(self, request_iterator, context):
+        """Header and tensors in; progress per step, then the latents, out. The UNet runs on a worker thread
+        that stops at its next step once the call is cancelled or past its deadline."""
+        job = self.prepare(*read_stream(request_iterator))
+        ended, stop, events = calls.watch(context), threading.Event(), queue.Queue()
+
+        def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
+            with self._lock:
+                self.steps_run += 1
+            events.put(("progress", self.progress(i + 1, total, latents, job.preview)))
+            return not (ended.is_set() or stop.is_set())
+
+        def work() -> None:
+            try:
+                events.put(("latents", self.run(job, on_step)))
+            except BaseException as exc:  # noqa: BLE001 -- handed to the RPC's thread, which raises it
+                events.put(("error", exc))
+
+        worker = threading.Thread(target=work, name="sdxl-denoise", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, value = events.get()
+                if kind == "progress":
+                    yield denoiser_pb2.DenoiseResponse(progress=value)
+                elif kind == "error":
+                    if isinstance(value, DenoisingCancelled):
+                        calls.ensure_active(context)
+                        raise Cancelled(str(value))
+                    raise value
+                else:
+                    for chunk in to_proto_chunks("latents", value):
+                        yield denoiser_pb2.DenoiseResponse(chunk=chunk)
+                    return
+        finally:
+            stop.set()  # the client left or the call failed: the worker stops at its next step
+            worker.join()
+
+    def progress(self, step: int, total: int, latents: torch.Tensor, with_preview: bool):
+        """A progress event, with a preview when asked for and small enough."""
+        event = denoiser_pb2.DenoiseProgress(step=step, total=total)
+        if with_preview and latents.shape[1] == 4:
+            small = preview(latents)
+            if small.numel() <= MAX_PREVIEW_BYTES:
+                event.preview.CopyFrom(to_proto(small, "preview"))
+        return event
+
+    def prepare(self, header: denoiser_pb2.DenoiseHeader, tensors: dict) -> Job:
+        """Check the header and tensors against the UNet and each other; ValueError names the field."""
+        check_scalars(header, self.max_steps)
+        config, guided = self.unet.config, header.guidance_scale > 1
+        dims: dict[str, int] = {}
+        context, pooled = ("B", "L", config.cross_attention_dim), ("B", config.pooled_projection_dim)
+        embeds = [expect(tensors, "prompt_embeds", context, FLOATS, dims),
+                  expect(tensors, "pooled_prompt_embeds", pooled, FLOATS, dims),
+                  expect(tensors, "negative_prompt_embeds", context, FLOATS, dims, required=guided),
+                  expect(tensors, "negative_pooled_prompt_embeds", pooled, FLOATS, dims, required=guided)]
+        latents = expect(tensors, "latents", ("B", 4, "h", "w"), FLOATS, dims, required=False)
+        image = self.image_inputs(header, tensors, dims)
+        if latents is not None and image is not None:
+            raise ValueError("send `latents` (text2img) or `image_latents` / `mask` (img2img, inpaint), not both")
+        if image is None:
+            for name in ("denoising_start", "strength"):
+                if header.HasField(name):
+                    raise ValueError(f"`{name}` needs `image_latents` to start from")
+        size = self.latent_size(header, dims)
+        if not guided:
+            embeds[2:] = [None, None]
+        embeddings = PromptEmbeddings(*(None if e is None else e.to(self.device, self.unet.dtype) for e in embeds))
+        conditioning = Conditioning.from_prompt(embeddings, *self.time_ids(header, size, image is not None))
+        strength = _optional(header, "strength")
+        if image is not None and strength is None:
+            strength = 0.9999 if image.mask is not None else 0.3  # the pipelines' defaults
+        schedule = self.schedule(header)
+        start = _optional(header, "denoising_start")
+        first, end = denoise_range(schedule, header.num_inference_steps, start, _optional(header, "denoising_end"),
+                                   strength)
+        seed = header.seed if header.HasField("seed") else secrets.randbits(63)
+        return Job(schedule, first, end, conditioning, header.guidance_scale, header.guidance_rescale, seed, latents,
+                   size, image, start is None, strength == 1.0, header.preview)
+
+    def schedule(self, header: denoiser_pb2.DenoiseHeader) -> Schedule:
+        """The request's schedule: the model's scheduler config with the request's overrides."""
+        config = {**self.scheduler_config, **scheduler_options(header)}
+        try:
+            return make_schedule(header.scheduler or "euler", header.num_inference_steps, config, self.device)
+        except (TypeError, KeyError) as exc:  # a mistyped option; ValueErrors already name theirs
+            name = header.scheduler or "euler"
+            raise ValueError(f"`scheduler_options` do not fit scheduler {name!r}: {exc}") from None
+
+    def image_inputs(self, header, tensors: dict, dims: dict) -> EncodedImage | None:
+        """image_latents, mask and masked_image_latents checked, with the draws Vae.Encode made; None without them."""
+        image_latents = expect(tensors, "image_latents", ("N", 4, "h", "w"), FLOATS, dims, required=False)
+        mask = expect(tensors, "mask", ("M", 1, "h", "w"), FLOATS, dims, required=False)
+        masked = expect(tensors, "masked_image_latents", ("K", 4, "h", "w"), FLOATS, dims, required=False)
+        inpainting_unet = self.unet.config.in_channels != 4
+        if inpainting_unet and (mask is None or masked is None):
+            raise ValueError("this inpainting UNet (9 input channels) needs `mask` and `masked_image_latents`")
+        if mask is None and masked is not None:
+            raise ValueError("`masked_image_latents` come with a `mask`")
+        if image_latents is None and mask is None:
+            if header.HasField("encode_draws"):
+                raise ValueError("`encode_draws` come with `image_latents` or a `mask`")
+            return None
+        for name, letter in (("image_latents", "N"), ("mask", "M"), ("masked_image_latents", "K")):
+            if letter in dims and dims["B"] % dims[letter]:
+                raise ValueError(f"`{name}` holds {dims[letter]} images, which must divide the batch of {dims['B']}")
+        strength_1 = header.HasField("strength") and header.strength == 1.0 and not header.HasField("denoising_start")
+        if image_latents is None and not (inpainting_unet and strength_1):
+            raise ValueError("`image_latents` are required, except by an inpainting UNet at strength 1")
+        return EncodedImage(image_latents, mask, masked, self.draws(header, dims["B"]))
+
+    def draws(self, header: denoiser_pb2.DenoiseHeader, batch_size: int) -> Draws:
+        """The VAE stage's draws to skip, each count in [0, batch size]."""
+        d = header.encode_draws
+        for name in ("image_samples", "masked_image_samples"):
+            if not 0 <= getattr(d, name) <= batch_size:
+                raise ValueError(f"`encode_draws.{name}` must be in [0, {batch_size}], got {getattr(d, name)}")
+        dtype = wire_float_dtype("encode_draws.dtype", d.dtype) if header.HasField("encode_draws") else torch.float32
+        return Draws(d.image_samples, d.masked_image_samples, dtype)
+
+    def latent_size(self, header, dims: dict) -> tuple[int, int]:
+        """(h, w): the tensors', or height / width / 8 when only noise is drawn."""
+        if "h" in dims:
+            return dims["h"], dims["w"]
+        default = self.unet.config.sample_size * VAE_SCALE_FACTOR  # as the pipeline: 1024 for SDXL
+        sides = []
+        for name in ("height", "width"):
+            value = getattr(header, name) or default
+            if not (0 < value <= MAX_SIDE and value % VAE_SCALE_FACTOR == 0):
+                raise ValueError(f"`{name}` must be a multiple of {VAE_SCALE_FACTOR} in [8, {MAX_SIDE}] when no "
+                                 f"latents are sent, got {value}")
+            sides.append(value // VAE_SCALE_FACTOR)
+        return sides[0], sides[1]
+
+    def time_ids(self, header, size: tuple[int, int], from_image: bool):
+        """The micro-conditioning ids as the pipeline that would run this call builds them."""
+        mc = header.micro_conditioning
+        pixels = (size[0] * VAE_SCALE_FACTOR, size[1] * VAE_SCALE_FACTOR)
+        if header.height and header.width:
+            pixels = (header.height, header.width)
+        sizes = [_size(mc, "original_size") or pixels, _coords(mc, "crops_coords_top_left"),
+                 _size(mc, "target_size") or pixels, _size(mc, "negative_original_size"),
+                 _coords(mc, "negative_crops_coords_top_left"), _size(mc, "negative_target_size")]
+        if self.unet.config.requires_aesthetics_score or from_image:
+            aesthetic = mc.aesthetic_score if mc.HasField("aesthetic_score") else 6.0
+            negative = mc.negative_aesthetic_score if mc.HasField("negative_aesthetic_score") else 2.5
+            return img2img_time_ids(self.unet.config, *sizes, aesthetic, negative)
+        return text2img_time_ids(self.unet.config, *sizes)
+
+    def run(self, job: Job, on_step) -> torch.Tensor:
+        """denoise_stage on a CPU generator seeded with the request's seed (DESIGN.md "Seeds")."""
+        generator = torch.Generator("cpu").manual_seed(job.seed)
+        return denoise_stage(
+            self.unet, job.schedule, job.conditioning, job.start, job.end, job.guidance_scale, job.guidance_rescale,
+            generator, self.device, self.unet.dtype, latents=job.latents, latent_size=job.latent_size,
+            image=job.image, add_noise=job.add_noise, from_noise=job.from_noise, on_step=on_step)
+
+
+def _size(mc, name: str) -> tuple[int, int] | None:
+    if not mc.HasField(name):
+        return None
+    size = getattr(mc, name)
+    if size.height <= 0 or size.width <= 0:
+        raise ValueError(f"`micro_conditioning.{name}` must be positive, got {size.height}x{size.width}")
+    return size.height, size.width
+
+
+def _coords(mc, name: str) -> tuple[int, int]:
+    coords = getattr(mc, name)
+    return coords.top, coords.left
+
+
+def load_denoiser(model: str | Path, device: str = "cpu", dtype: str = "float32") -> tuple[torch.nn.Module, dict]:
+    """The UNet and scheduler config of a diffusers folder or an original single file; nothing else is read."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if Path(model).is_file():
+        components = load_single_file(model, torch_dtype=DTYPES[dtype], device=device)
+        return components.unet, components.scheduler_config
+    root = model_folder(model)
+    unet = load_unet(root / "unet", DTYPES[dtype], device=device)
+    return unet, read_json(root / "scheduler" / "scheduler_config.json")
+
+
+def make_server(servicer: DenoiserServicer, address: str = "[::]:0",
+                options: ServerOptions = ServerOptions()) -> Server:
+    """A started, SERVING Denoiser server named after its UNet's type (base, refiner, inpainting)."""
+    server = Server(model_type(servicer.unet.config), [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer)],
+                    [SERVICE], address, options)
+    server.start()
+    server.set_serving()
+    return server
+
+
+def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
+          options: ServerOptions = ServerOptions()) -> Server:
+    """Load the UNet and scheduler config, then a started, SERVING Denoiser server."""
+    return make_server(DenoiserServicer(*load_denoiser(model, device, dtype)), address, options)

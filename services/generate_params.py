@@ -1,0 +1,165 @@
+"""The orchestrator's reading of a Generate stream: limits, checks that name the field, and the defaults."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from sdxl.v1 import orchestrator_pb2, tensor_pb2
+from sdxl_core.schedulers import SCHEDULERS
+
+from .errors import FailedPrecondition
+
+TEXT2IMG, IMG2IMG, INPAINT = orchestrator_pb2.MODE_TEXT2IMG, orchestrator_pb2.MODE_IMG2IMG, orchestrator_pb2.MODE_INPAINT
+NONE, ENSEMBLE, REFINE = orchestrator_pb2.REFINER_NONE, orchestrator_pb2.REFINER_ENSEMBLE, orchestrator_pb2.REFINER_REFINE
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one Generate may ask for; generous for SDXL, bounded so one request cannot take a stage hostage."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    max_steps: int = 200
+    max_images: int = 8  # len(prompt) * num_images_per_prompt
+    max_image_bytes: int = 32 * 2**20  # all init images and masks together, encoded
+
+
+@dataclass
+class Generate:
+    """A checked request: its params, the image and mask chunks as they came, and the seed every stage uses."""
+
+    params: orchestrator_pb2.GenerateParams
+    images: list[tensor_pb2.ImageChunk] = field(default_factory=list)
+    masks: list[tensor_pb2.ImageChunk] = field(default_factory=list)
+    seed: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.params.prompt) * (self.params.num_images_per_prompt or 1)
+
+    @property
+    def steps(self) -> int:
+        return self.params.num_inference_steps or 50
+
+    @property
+    def guidance_scale(self) -> float:
+        p = self.params
+        return p.guidance_scale if p.HasField("guidance_scale") else 7.5 if p.mode == INPAINT else 5.0
+
+
+def read_generate(requests: Iterable[orchestrator_pb2.GenerateRequest], limits: Limits, has_refiner: bool) -> Generate:
+    """The client's stream -> a checked Generate; ValueError (INVALID_ARGUMENT) or FailedPrecondition."""
+    requests = iter(requests)
+    first = next(requests, None)
+    if first is None or first.WhichOneof("payload") != "params":
+        raise ValueError("a Generate stream starts with GenerateParams")
+    request = Generate(first.params)
+    total = 0
+    for message in requests:
+        kind = message.WhichOneof("payload")
+        if kind not in ("image", "mask_image"):
+            raise ValueError(f"after GenerateParams only image and mask_image chunks may follow, got {kind}")
+        chunk = getattr(message, kind)
+        total += len(chunk.data)
+        if total > limits.max_image_bytes:
+            raise ValueError(f"image and mask_image bytes must be at most {limits.max_image_bytes} in all")
+        (request.images if kind == "image" else request.masks).append(chunk)
+    check_params(request, limits, has_refiner)
+    request.seed = request.params.seed if request.params.HasField("seed") else secrets.randbits(63)
+    return request
+
+
+def _in(name: str, value, low, high, low_open=False, high_open=False) -> None:
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and (
+        value < high if high_open else value <= high)
+    if not ok:
+        span = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"`{name}` must be in {span}, got {value!r}")
+
+
+def _optional(p, name: str, *bounds, **open_ends) -> None:
+    if p.HasField(name):
+        _in(name, getattr(p, name), *bounds, **open_ends)
+
+
+def check_params(request: Generate, limits: Limits, has_refiner: bool) -> None:
+    """Every field within its range, images where the mode needs them, a refiner where one is asked for."""
+    p = request.params
+    _check_prompts(p)
+    _check_sizes(p, limits)
+    for name in ("num_inference_steps", "refiner_steps"):
+        if getattr(p, name):  # 0: the default
+            _in(name, getattr(p, name), 1, limits.max_steps)
+    _in("num_images_per_prompt", p.num_images_per_prompt, 0, limits.max_images)
+    if request.batch_size > limits.max_images:
+        raise ValueError(f"len(prompt) * num_images_per_prompt must be at most {limits.max_images}, "
+                         f"got {len(p.prompt)} * {p.num_images_per_prompt}")
+    _optional(p, "guidance_scale", 0, 1e4)
+    _in("guidance_rescale", p.guidance_rescale, 0, 1)
+    for name in ("denoising_start", "denoising_end", "high_noise_frac"):
+        _optional(p, name, 0, 1, low_open=True, high_open=True)
+    for name in ("strength", "refiner_strength"):
+        _optional(p, name, 0, 1, low_open=True)
+    if p.HasField("denoising_start") and p.HasField("denoising_end") and p.denoising_start >= p.denoising_end:
+        raise ValueError(f"`denoising_start` ({p.denoising_start}) must be below `denoising_end` ({p.denoising_end})")
+    for name in ("scheduler", "refiner_scheduler"):
+        if getattr(p, name) and getattr(p, name) not in SCHEDULERS:
+            raise ValueError(f"`{name}` must be one of {', '.join(SCHEDULERS)}, got {getattr(p, name)!r}")
+    _check_mode(request)
+    _check_refiner(p, has_refiner)
+
+
+def _check_prompts(p) -> None:
+    if not p.prompt:
+        raise ValueError("`prompt` must hold at least one string")
+    for name in ("prompt_2", "negative_prompt", "negative_prompt_2"):
+        n = len(getattr(p, name))
+        if n not in (0, 1, len(p.prompt)):
+            raise ValueError(f"`{name}` has {n} strings, but `prompt` has {len(p.prompt)}; send none, one, "
+                             f"or {len(p.prompt)}")
+
+
+def _check_sizes(p, limits: Limits) -> None:
+    for name in ("height", "width"):
+        value = getattr(p, name)
+        if value and (value % 8 or not limits.min_size <= value <= limits.max_size):
+            raise ValueError(f"`{name}` must be a multiple of 8 in [{limits.min_size}, {limits.max_size}] "
+                             f"(or 0 for the default), got {value}")
+
+
+def _check_mode(request: Generate) -> None:
+    p = request.params
+    if p.mode not in (TEXT2IMG, IMG2IMG, INPAINT):
+        raise ValueError(f"`mode` must be MODE_TEXT2IMG, MODE_IMG2IMG or MODE_INPAINT, got {p.mode}")
+    if p.mode == TEXT2IMG:
+        for name in ("denoising_start", "strength"):
+            if p.HasField(name):
+                raise ValueError(f"`{name}` is for MODE_IMG2IMG and MODE_INPAINT only")
+    if p.mode != TEXT2IMG and not request.images:
+        raise ValueError(f"`image` is required for {orchestrator_pb2.Mode.Name(p.mode)}")
+    if p.mode == TEXT2IMG and request.images:
+        raise ValueError("`image` is for MODE_IMG2IMG and MODE_INPAINT only")
+    if p.mode == INPAINT and not request.masks:
+        raise ValueError("`mask_image` is required for MODE_INPAINT")
+    if p.mode != INPAINT and request.masks:
+        raise ValueError("`mask_image` is for MODE_INPAINT only")
+
+
+def _check_refiner(p, has_refiner: bool) -> None:
+    if p.refiner not in (NONE, ENSEMBLE, REFINE):
+        raise ValueError(f"`refiner` must be REFINER_NONE, REFINER_ENSEMBLE or REFINER_REFINE, got {p.refiner}")
+    if p.refiner == ENSEMBLE and p.HasField("denoising_end"):
+        raise ValueError("`denoising_end` must be unset with REFINER_ENSEMBLE; set `high_noise_frac`")
+    if p.refiner == ENSEMBLE and p.HasField("denoising_start") and p.denoising_start >= _high_noise_frac(p):
+        raise ValueError(f"`denoising_start` ({p.denoising_start}) must be below `high_noise_frac` "
+                         f"({_high_noise_frac(p)})")
+    if p.refiner != NONE and not has_refiner:
+        raise FailedPrecondition(f"{orchestrator_pb2.Refiner.Name(p.refiner)} asked for, but this orchestrator "
+                                 f"has no refiner stage configured")
+
+
+def _high_noise_frac(p) -> float:
+    return p.high_noise_frac if p.HasField("high_noise_frac") else 0.8

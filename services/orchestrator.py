@@ -1,0 +1,273 @@
+"""The orchestrator: validates a Generate, chains the stages, relays their progress. It holds no model.
+
+Tensors pass through as the stages send them (chunks renamed, never decoded), so the chain
+EncodePrompt -> [Vae.Encode] -> base Denoise -> [refiner Denoise] -> Vae.Decode gives exactly the
+images of SDXLPipeline(seed=S, denoising_end=f, output_type="latent") then
+SDXLImg2ImgPipeline(seed=S, image=latents, denoising_start=f): every stage gets the same seed.
+Inpainting, both are SDXLInpaintPipeline and the refiner gets the base's mask with its latents.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import grpc
+
+from sdxl.v1 import (
+    denoiser_pb2,
+    denoiser_pb2_grpc,
+    orchestrator_pb2,
+    orchestrator_pb2_grpc,
+    tensor_pb2,
+    text_encoder_pb2,
+    text_encoder_pb2_grpc,
+    vae_pb2,
+    vae_pb2_grpc,
+)
+
+from .calls import call_options
+from .channels import stage_channel
+from .generate_params import ENSEMBLE, INPAINT, NONE, REFINE, TEXT2IMG, Generate, Limits, read_generate
+from .server import Server, ServerOptions
+
+SERVICE = "sdxl.v1.Orchestrator"
+# It only waits on stages, so many Generates may be in flight; the stages' own queues bound the work.
+OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
+Stage = orchestrator_pb2.Stage
+
+class InFlight:
+    """The stage calls of one Generate; all cancelled when the Generate ends early (client gone, deadline)."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._lock = threading.Lock()
+        self._calls: list[grpc.Future] = []
+        self._ended = False
+        if not context.add_callback(self.cancel):
+            self.cancel()
+
+    def track(self, call):
+        with self._lock:
+            self._calls.append(call)
+            if self._ended:
+                call.cancel()
+        return call
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._ended = True
+            for call in self._calls:
+                call.cancel()  # a no-op on a finished call
+
+
+def _renamed(chunks: Iterable[tensor_pb2.TensorChunk], names: dict[str, str]) -> Iterator[tensor_pb2.TensorChunk]:
+    """The chunks whose names are in `names`, under their new names."""
+    for chunk in chunks:
+        if chunk.name in names:
+            out = tensor_pb2.TensorChunk()
+            out.CopyFrom(chunk)
+            out.name = names[chunk.name]
+            yield out
+
+
+def _progress(stage: int, step: int, total: int = 1, preview=None) -> orchestrator_pb2.GenerateResponse:
+    return orchestrator_pb2.GenerateResponse(
+        progress=orchestrator_pb2.GenerateProgress(stage=stage, step=step, total=total, preview=preview))
+
+
+PROMPT_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
+
+
+class Run:
+    """One Generate's chain of stage calls; each method yields GenerateResponses."""
+
+    def __init__(self, stubs: Stubs, request: Generate, context: grpc.ServicerContext):
+        self.stubs, self.request, self.context = stubs, request, context
+        self.calls = InFlight(context)
+
+    def stage_call(self, name: str, method: Callable, request) -> Iterator:
+        """A stage's responses; its error passes through with its code and the stage named."""
+        call = self.calls.track(method(request, **call_options(self.context)))
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            self.context.abort(error.code(), f"{name} stage: {error.details()}")
+
+    def responses(self) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        p = self.request.params
+        yield _progress(Stage.STAGE_ENCODE_PROMPT, 0)
+        prompts = list(self.encode_prompt())
+        yield _progress(Stage.STAGE_ENCODE_PROMPT, 1)
+        images, base_header = [], self.base_header()
+        if p.mode != TEXT2IMG:
+            yield _progress(Stage.STAGE_ENCODE_IMAGE, 0)
+            for response in self.encode_image():
+                if response.HasField("draws"):  # the VAE's seeded draws, for the base to skip
+                    base_header.encode_draws.CopyFrom(response.draws)
+                images.append(response.chunk)
+            yield _progress(Stage.STAGE_ENCODE_IMAGE, 1)
+        latents = []
+        yield from self.denoise(Stage.STAGE_BASE, base_header, _renamed(prompts, _prefixed("base")), images, latents)
+        if p.refiner != NONE:
+            # The refiner starts from the base's latents as they are (no encode, no draws of the VAE's to skip);
+            # inpainting, it blends with them under the base's mask, as SDXLInpaintPipeline given latents does.
+            base_latents = list(_renamed(latents, {"latents": "image_latents"}))
+            if p.mode == INPAINT:
+                base_latents += _renamed(images, {"mask": "mask"})
+            latents = []
+            yield from self.denoise(Stage.STAGE_REFINER, self.refiner_header(),
+                                    _renamed(prompts, _prefixed("refiner")), base_latents, latents)
+        yield _progress(Stage.STAGE_DECODE, 0)
+        yield from self.decode(latents)
+        yield _progress(Stage.STAGE_DECODE, 1)
+        yield orchestrator_pb2.GenerateResponse(
+            result=orchestrator_pb2.GenerateResult(seed=self.request.seed, num_images=self.request.batch_size))
+
+    def encode_prompt(self) -> Iterator[tensor_pb2.TensorChunk]:
+        p = self.request.params
+        targets = [text_encoder_pb2.TARGET_BASE] + ([text_encoder_pb2.TARGET_REFINER] if p.refiner != NONE else [])
+        request = text_encoder_pb2.EncodePromptRequest(
+            prompt=p.prompt, prompt_2=p.prompt_2, negative_prompt=p.negative_prompt,
+            negative_prompt_2=p.negative_prompt_2, targets=targets, num_images_per_prompt=p.num_images_per_prompt,
+            guided=self.request.guidance_scale > 1)
+        for response in self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, request):
+            yield response.chunk
+
+    def encode_image(self) -> Iterator[vae_pb2.EncodeResponse]:
+        p, base = self.request.params, self.stubs.base_model
+        inpainting = p.mode == INPAINT and base.inpainting_unet
+        from_noise = inpainting and not p.HasField("denoising_start") and p.HasField("strength") and p.strength == 1
+        header = vae_pb2.EncodeHeader(
+            seed=self.request.seed, height=p.height, width=p.width, batch_size=self.request.batch_size,
+            masked_image_latents=inpainting, dtype=base.wire_dtype, skip_image_latents=from_noise)
+        messages = [vae_pb2.EncodeRequest(header=header)]
+        messages += [vae_pb2.EncodeRequest(image=c) for c in self.request.images]
+        messages += [vae_pb2.EncodeRequest(mask_image=c) for c in self.request.masks]
+        yield from self.stage_call("vae", self.stubs.vae.Encode, iter(messages))
+
+    def base_header(self) -> denoiser_pb2.DenoiseHeader:
+        p = self.request.params
+        header = self._header(p.scheduler, self.request.steps)
+        header.height, header.width = p.height, p.width
+        for name in ("denoising_start", "strength"):
+            if p.HasField(name):
+                setattr(header, name, getattr(p, name))
+        if p.refiner == ENSEMBLE:
+            header.denoising_end = p.high_noise_frac if p.HasField("high_noise_frac") else 0.8
+        elif p.HasField("denoising_end"):
+            header.denoising_end = p.denoising_end
+        return header
+
+    def refiner_header(self) -> denoiser_pb2.DenoiseHeader:
+        p = self.request.params
+        if p.refiner == ENSEMBLE:  # the same schedule, from the base's cut
+            header = self._header(p.scheduler, self.request.steps)
+            header.denoising_start = p.high_noise_frac if p.HasField("high_noise_frac") else 0.8
+            return header
+        assert p.refiner == REFINE
+        header = self._header(p.refiner_scheduler or p.scheduler, p.refiner_steps or self.request.steps)
+        header.strength = p.refiner_strength if p.HasField("refiner_strength") else 0.3
+        return header
+
+    def _header(self, scheduler: str, steps: int) -> denoiser_pb2.DenoiseHeader:
+        p = self.request.params
+        header = denoiser_pb2.DenoiseHeader(
+            scheduler=scheduler, num_inference_steps=steps, guidance_scale=self.request.guidance_scale,
+            guidance_rescale=p.guidance_rescale, seed=self.request.seed, micro_conditioning=p.micro_conditioning,
+            preview=p.preview)
+        if p.HasField("scheduler_options"):
+            header.scheduler_options.CopyFrom(p.scheduler_options)
+        return header
+
+    def denoise(self, stage: int, header, prompts: Iterable, tensors: Iterable, latents: list) -> Iterator:
+        """One Denoise call; its progress relayed, its latents chunks appended to `latents`."""
+        messages = [denoiser_pb2.DenoiseRequest(header=header)]
+        messages += [denoiser_pb2.DenoiseRequest(chunk=c) for c in (*prompts, *tensors)]
+        name = "base" if stage == Stage.STAGE_BASE else "refiner"
+        stub = self.stubs.base if stage == Stage.STAGE_BASE else self.stubs.refiner
+        for response in self.stage_call(name, stub.Denoise, iter(messages)):
+            if response.WhichOneof("event") == "progress":
+                progress = response.progress
+                preview = progress.preview if progress.HasField("preview") else None
+                yield _progress(stage, progress.step, progress.total, preview)
+            else:
+                latents.append(response.chunk)
+
+    def decode(self, latents: list) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        p = self.request.params
+        header = vae_pb2.DecodeHeader(output_format=p.output_format)
+        if p.HasField("watermark"):
+            header.watermark = p.watermark
+        messages = [vae_pb2.DecodeRequest(header=header)] + [vae_pb2.DecodeRequest(chunk=c) for c in latents]
+        for response in self.stage_call("vae", self.stubs.vae.Decode, iter(messages)):
+            if response.WhichOneof("payload") == "image":
+                yield orchestrator_pb2.GenerateResponse(image=response.image)
+            else:
+                yield orchestrator_pb2.GenerateResponse(chunk=response.chunk)
+
+
+def _prefixed(target: str) -> dict[str, str]:
+    return {f"{target}/{name}": name for name in PROMPT_NAMES}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """What Vae.Encode must know of the base's UNet to draw as the in-process pipeline does."""
+
+    dtype: str = "float32"  # the base stage's --dtype
+    inpainting_unet: bool = False  # a 9-channel inpainting UNet: encode the masked image too
+
+    @property
+    def wire_dtype(self) -> int:
+        return tensor_pb2.DType.Value(f"DTYPE_{self.dtype.upper()}")
+
+
+class Stubs:
+    """One channel per stage, shared by every Generate."""
+
+    def __init__(self, text_encoder: str, base: str, refiner: str | None, vae: str, max_message_bytes: int,
+                 base_model: BaseModel = BaseModel()):
+        self.base_model = base_model
+        self.channels = [stage_channel(a, max_message_bytes) for a in (text_encoder, base, vae)]
+        self.text_encoder = text_encoder_pb2_grpc.TextEncoderStub(self.channels[0])
+        self.base = denoiser_pb2_grpc.DenoiserStub(self.channels[1])
+        self.vae = vae_pb2_grpc.VaeStub(self.channels[2])
+        self.refiner = None
+        if refiner:
+            self.channels.append(stage_channel(refiner, max_message_bytes))
+            self.refiner = denoiser_pb2_grpc.DenoiserStub(self.channels[-1])
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServicer):
+    """Generate: read and check the request, then run the chain of stage calls."""
+
+    def __init__(self, stubs: Stubs, limits: Limits = Limits()):
+        self.stubs, self.limits = stubs, limits
+
+    def Generate(self, request_iterator, context) -> Iterator[orchestrator_pb2.GenerateResponse]:
+        request = read_generate(request_iterator, self.limits, has_refiner=self.stubs.refiner is not None)
+        yield from Run(self.stubs, request, context).responses()
+
+
+def build(
+    text_encoder: str,
+    base: str,
+    refiner: str | None,
+    vae: str,
+    address: str = "[::]:0",
+    options: ServerOptions = OPTIONS,
+    limits: Limits = Limits(),
+    base_model: BaseModel = BaseModel(),
+) -> Server:
+    """A started, SERVING orchestrator over the stages at these addresses ("h1:p1,h2:p2" or "dns:///name:port")."""
+    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, base_model)
+    handler = (orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, OrchestratorServicer(stubs, limits))
+    server = Server("orchestrator", [handler], [SERVICE], address, options)
+    server.start()
+    server.set_serving()
+    return server

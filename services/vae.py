@@ -1,0 +1,235 @@
+"""The VAE stage: Decode (latents -> watermarked images) and Encode (images -> latents for img2img / inpaint),
+over sdxl_core.stages' decode_stage, encode_image_stage and encode_inpaint_stage.
+"""
+
+from __future__ import annotations
+
+import io
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import torch
+
+from sdxl.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
+from sdxl_client.images import ImageAssembler, to_png
+from sdxl_client.images import chunk as image_chunks
+from sdxl_core.latents import VAE_SCALE_FACTOR, preprocess_image
+from sdxl_core.loading import load_single_file, load_vae
+from sdxl_core.loading.hub import model_folder
+from sdxl_core.masks import check_mask_matches, preprocess_mask
+from sdxl_core.stages import EncodedImage, decode_stage, encode_image_stage, encode_inpaint_stage
+from sdxl_core.watermark import watermark_available
+
+from .errors import FailedPrecondition
+from .server import Server, ServerOptions
+from .tensors import FLOATS, TensorAssembler, expect, to_proto_chunks
+
+SERVICE = "sdxl.v1.Vae"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIRE_FLOATS = {tensor_pb2.DTYPE_FLOAT32: torch.float32, tensor_pb2.DTYPE_FLOAT16: torch.float16,
+               tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16}
+MAX_IMAGES = 64  # images (or masks) per call
+MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding: refuses decompression bombs
+MAX_ENCODED_BYTES = 64 * 2**20  # per encoded image
+FORMATS = ("PNG", "JPEG")
+
+
+def wire_float_dtype(name: str, value: int) -> torch.dtype:
+    """A header's DType field as a float torch dtype; unset means float32."""
+    if value == tensor_pb2.DTYPE_UNSPECIFIED:
+        return torch.float32
+    if value not in WIRE_FLOATS:
+        raise ValueError(f"`{name}` must be FLOAT32, FLOAT16 or BFLOAT16, got {value}")
+    return WIRE_FLOATS[value]
+
+
+def _wire(dtype: torch.dtype) -> int:
+    return {v: k for k, v in WIRE_FLOATS.items()}[dtype]
+
+
+def open_image(data: bytes, name: str, mode: str) -> PIL.Image.Image:
+    """PNG or JPEG bytes -> a loaded PIL image; corrupt bytes and images over MAX_IMAGE_PIXELS are a ValueError."""
+    try:
+        image = PIL.Image.open(io.BytesIO(data), formats=FORMATS)
+        if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header, before the pixels are decoded
+            raise ValueError(f"`{name}` is {image.width}x{image.height} pixels, over the limit of "
+                             f"{MAX_IMAGE_PIXELS} pixels")
+        image.load()
+    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
+        raise ValueError(f"`{name}` is not a readable PNG or JPEG image: {exc}") from None
+    return image if image.mode == mode else image.convert(mode)
+
+
+@dataclass
+class EncodeInputs:
+    """An Encode call's messages, sorted: the header, encoded images and masks, and tensors."""
+
+    header: vae_pb2.EncodeHeader
+    images: list[bytes]
+    masks: list[bytes]
+    tensors: dict[str, torch.Tensor]
+
+
+def read_encode(requests: Iterator[vae_pb2.EncodeRequest]) -> EncodeInputs:
+    """The header (first, exactly once), then ImageChunks and TensorChunks in any order."""
+    first = next(requests, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise ValueError("the first EncodeRequest must carry the header")
+    parts = {"image": ImageAssembler(), "mask_image": ImageAssembler()}
+    tensors = TensorAssembler(names={"image", "mask_image"})
+    for request in requests:
+        kind = request.WhichOneof("payload")
+        if kind in parts:
+            piece = getattr(request, kind)
+            if piece.total_bytes > MAX_ENCODED_BYTES or piece.index >= MAX_IMAGES:
+                raise ValueError(f"`{kind}` {piece.index} of {piece.total_bytes} bytes is over the limits of "
+                                 f"{MAX_IMAGES} images and {MAX_ENCODED_BYTES} bytes each")
+            parts[kind].add(piece)
+        elif kind == "chunk":
+            tensors.add(request.chunk)
+        else:
+            raise ValueError("after the header, every EncodeRequest must carry an image, mask_image or tensor chunk")
+    return EncodeInputs(first.header, parts["image"].images(), parts["mask_image"].images(), tensors.finish())
+
+
+def image_inputs(inputs: EncodeInputs, name: str, mode: str):
+    """The images of one field: a list of PIL images, an array (N, H, W[, 3]) in [0, 1], or None if absent."""
+    encoded = inputs.images if name == "image" else inputs.masks
+    shape = ("N", None, None, 3) if name == "image" else ("N", None, None)
+    tensor = expect(inputs.tensors, name, shape, torch.uint8, required=False)
+    if encoded and tensor is not None:
+        raise ValueError(f"send `{name}` as encoded images or as a tensor, not both")
+    if tensor is not None:
+        if not 1 <= tensor.shape[0] <= MAX_IMAGES or tensor[0].numel() > MAX_IMAGE_PIXELS * 3:
+            raise ValueError(f"tensor {name!r} of shape {tuple(tensor.shape)} is over the limits of {MAX_IMAGES} "
+                             f"images and {MAX_IMAGE_PIXELS} pixels each")
+        return tensor.numpy().astype(np.float32) / 255  # as an array in [0, 1] given to the pipeline
+    return [open_image(data, f"{name}[{i}]", mode) for i, data in enumerate(encoded)] or None
+
+
+def check_encode_header(header: vae_pb2.EncodeHeader, with_mask: bool) -> None:
+    """Sizes and batch in range; ValueError names the field."""
+    for name in ("height", "width"):
+        value = getattr(header, name)
+        if value < 0 or value % VAE_SCALE_FACTOR:
+            raise ValueError(f"`{name}` must be 0 (the image's) or a multiple of {VAE_SCALE_FACTOR}, got {value}")
+    if (header.height == 0) != (header.width == 0):
+        raise ValueError(f"set both `height` and `width` or neither, got {header.height}x{header.width}")
+    if header.height * header.width > MAX_IMAGE_PIXELS:
+        raise ValueError(f"`height` x `width` {header.height}x{header.width} is over the limit of "
+                         f"{MAX_IMAGE_PIXELS} pixels")
+    if with_mask and not 1 <= header.batch_size <= MAX_IMAGES:
+        raise ValueError(f"`batch_size` must be in [1, {MAX_IMAGES}] with a mask, got {header.batch_size}")
+    if not with_mask and (header.masked_image_latents or header.skip_image_latents):
+        raise ValueError("`masked_image_latents` and `skip_image_latents` need a mask")
+
+
+class VaeServicer(vae_pb2_grpc.VaeServicer):
+    """Decode and Encode over one VAE; no per-request state."""
+
+    def __init__(self, vae: torch.nn.Module):
+        self.vae = vae
+
+    def Decode(self, request_iterator, context):
+        """Latents in; PNG images or the uint8 tensor "images" out, watermarked unless turned off."""
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("payload") != "header":
+            raise ValueError("the first DecodeRequest must carry the header")
+        assembler = TensorAssembler(names={"latents"})
+        for request in request_iterator:
+            if request.WhichOneof("payload") != "chunk":
+                raise ValueError("after the header, every DecodeRequest must carry a tensor chunk")
+            assembler.add(request.chunk)
+        header = first.header
+        latents = expect(assembler.finish(), "latents", ("B", 4, None, None), FLOATS)
+        h, w = latents.shape[-2:]
+        if not 1 <= latents.shape[0] <= MAX_IMAGES or h * w * VAE_SCALE_FACTOR**2 > MAX_IMAGE_PIXELS:
+            raise ValueError(f"tensor 'latents' of shape {tuple(latents.shape)} is over the limits of {MAX_IMAGES} "
+                             f"images and {MAX_IMAGE_PIXELS} pixels each")
+        watermark = header.watermark if header.HasField("watermark") else True
+        if watermark and not watermark_available():
+            raise FailedPrecondition("this VAE stage cannot watermark (invisible-watermark is not installed); "
+                                     "send watermark=false")
+        images = decode_stage(self.vae, latents.to(self.device), watermark, "pil")
+        if header.output_format == vae_pb2.OUTPUT_FORMAT_RAW:
+            pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (B, H, W, 3) uint8
+            for chunk in to_proto_chunks("images", pixels):
+                yield vae_pb2.DecodeResponse(chunk=chunk)
+            return
+        for index, image in enumerate(images):
+            for piece in image_chunks(to_png(image), index):
+                yield vae_pb2.DecodeResponse(image=piece)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def Encode(self, request_iterator, context):
+        """Images (and masks) in; image_latents (mask, masked_image_latents) out, the draws on the first message."""
+        inputs = read_encode(request_iterator)
+        encoded = self.encode(inputs)
+        draws = vae_pb2.EncodeDraws(image_samples=encoded.draws.image_samples,
+                                    masked_image_samples=encoded.draws.masked_image_samples,
+                                    dtype=_wire(encoded.draws.dtype))
+        for name in ("image_latents", "mask", "masked_image_latents"):
+            tensor = getattr(encoded, name)
+            for chunk in () if tensor is None else to_proto_chunks(name, tensor):
+                response = vae_pb2.EncodeResponse(chunk=chunk)
+                if draws is not None:  # on the first message only
+                    response.draws.CopyFrom(draws)
+                    draws = None
+                yield response
+
+    def encode(self, inputs: EncodeInputs) -> EncodedImage:
+        """Check the inputs, then encode_image_stage (no mask) or encode_inpaint_stage on a generator seeded S."""
+        header = inputs.header
+        image = image_inputs(inputs, "image", "RGB")
+        mask = image_inputs(inputs, "mask_image", "L")
+        if image is None:
+            raise ValueError("`image` is required: one PNG / JPEG per image, or the tensor 'image'")
+        check_encode_header(header, mask is not None)
+        dtype = wire_float_dtype("dtype", header.dtype)
+        seed = header.seed if header.HasField("seed") else secrets.randbits(63)
+        generator = torch.Generator("cpu").manual_seed(seed)
+        height, width = header.height or None, header.width or None
+        pixels = preprocess_image(image, height, width).float()  # (N, 3, H, W) in [-1, 1]
+        if mask is None:
+            return encode_image_stage(self.vae, pixels, len(pixels), generator, self.device, dtype)
+        check_mask_matches(image, mask)
+        masks = preprocess_mask(mask, *pixels.shape[-2:])  # (M, 1, H, W)
+        n, m, batch = pixels.shape[0], masks.shape[0], header.batch_size
+        if n != m and 1 not in (n, m):
+            raise ValueError(f"got {n} images and {m} masks; send as many masks as images, or one of either")
+        if batch % max(n, m):
+            raise ValueError(f"`batch_size` {batch} must be a multiple of the {max(n, m)} images / masks")
+        return encode_inpaint_stage(
+            self.vae, pixels, masks, batch, generator, self.device, dtype,
+            encode_image=not header.skip_image_latents, masked_image_latents=header.masked_image_latents,
+            noise_dtype=dtype)
+
+
+def load_vae_model(model: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """The VAE of a diffusers folder or an original single file; nothing else is read from a folder."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if Path(model).is_file():
+        return load_single_file(model, torch_dtype=DTYPES[dtype], device=device).vae
+    return load_vae(model_folder(model) / "vae", DTYPES[dtype], device=device)
+
+
+def make_server(servicer: VaeServicer, address: str = "[::]:0", options: ServerOptions = ServerOptions()) -> Server:
+    """A started, SERVING Vae server over a servicer whose model is loaded."""
+    server = Server("vae", [(vae_pb2_grpc.add_VaeServicer_to_server, servicer)], [SERVICE], address, options)
+    server.start()
+    server.set_serving()
+    return server
+
+
+def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
+          options: ServerOptions = ServerOptions()) -> Server:
+    """Load the VAE, then a started, SERVING Vae server."""
+    return make_server(VaeServicer(load_vae_model(model, device, dtype)), address, options)

@@ -1,0 +1,70 @@
+from grpc_health.v1 import health_pb2
+from PIL import Image
+
+from sdxl_client.cli import main
+
+
+def test_generate_writes_the_pngs_and_exits_0(fake_orchestrator, tmp_path, capsys):
+    address, servicer = fake_orchestrator
+    out = tmp_path / "out.png"
+    code = main(["generate", "a horse", "--address", address, "--size", "40x24", "--steps", "2", "--seed", "5",
+                 "--refiner", "ensemble", "--high-noise-frac", "0.7", "--num-images", "2", "--no-watermark",
+                 "-o", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (40, 24) and Image.open(tmp_path / "out-1.png").size == (40, 24)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-1.png", "out.png"]  # no temporary files left
+    params = servicer.requests[0][0].params
+    assert (params.width, params.height, params.seed, params.watermark) == (40, 24, 5, False)
+    assert abs(params.high_noise_frac - 0.7) < 1e-6
+    captured = capsys.readouterr()
+    assert "base" in captured.err and "2/2" in captured.err and str(out) in captured.out
+
+
+def test_generate_reports_a_server_error_and_exits_1(fake_orchestrator, tmp_path, capsys):
+    import grpc
+
+    address, servicer = fake_orchestrator
+    servicer.abort_with = (grpc.StatusCode.INVALID_ARGUMENT, "height must be a multiple of 8")
+    assert main(["generate", "p", "--address", address, "-o", str(tmp_path / "x.png")]) == 1
+    assert "INVALID_ARGUMENT: height must be a multiple of 8" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_generate_reencodes_for_a_jpeg_name(fake_orchestrator, tmp_path):
+    address, _ = fake_orchestrator
+    assert main(["generate", "p", "--address", address, "--steps", "1", "-o", str(tmp_path / "o.jpg")]) == 0
+    assert Image.open(tmp_path / "o.jpg").format == "JPEG"
+
+
+def test_health_exits_0_when_serving_and_1_otherwise(health_server, capsys):
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert main(["health", address]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert main(["health", address]) == 1
+    assert capsys.readouterr().out.strip() == "NOT_SERVING"
+
+
+def test_health_exits_1_when_nothing_listens(capsys):
+    from sdxl_client.launch import free_port
+
+    assert main(["health", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err or "DEADLINE_EXCEEDED" in err
+
+
+def test_serve_stage_becomes_that_stage_process():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "sdxl_client", "serve", "vae", "--help"], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "python -m sdxl_services" in done.stdout
+
+
+def test_generate_refuses_a_mask_without_an_image_with_exit_2(fake_orchestrator, tmp_path, capsys):
+    address, servicer = fake_orchestrator
+    Image.new("L", (8, 8)).save(tmp_path / "m.png")
+    assert main(["generate", "p", "--address", address, "--mask", str(tmp_path / "m.png")]) == 2
+    assert "mask_image needs image" in capsys.readouterr().err and servicer.requests == []

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sdxl_client import launch
+from sdxl_client.output import output_paths
+
+
+def test_stage_args_route_models_and_devices():
+    options = launch.ServeOptions(base_model="/m/base", refiner_model="/m/refiner", device="cuda:0",
+                                  refiner_device="cuda:1", dtype="float16")
+    assert launch.ServeOptions().stage_args("base") == []
+    assert options.stage_args("base") == ["--model", "/m/base", "--device", "cuda:0", "--dtype", "float16"]
+    assert options.stage_args("refiner") == ["--model", "/m/refiner", "--device", "cuda:1", "--dtype", "float16"]
+    assert options.stage_args("text_encoder")[:4] == ["--model", "/m/base", "--refiner-model", "/m/refiner"]
+
+
+def test_a_child_that_dies_at_start_fails_with_its_output_tail():
+    process = subprocess.Popen([sys.executable, "-c", "import sys; print('weights missing: /nope'); sys.exit(3)"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = launch.Child("base", "127.0.0.1:1", process)
+    launch._pump(child, None)
+    process.wait()
+    with pytest.raises(launch.LaunchError, match=r"(?s)base exited before listening \(exit status 3\).*weights missing"):
+        launch.wait_ready(child, time.monotonic() + 5)
+
+
+def test_stop_terminates_and_then_kills_after_the_grace():
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); " \
+               "time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", stubborn], stdout=subprocess.PIPE, text=True)
+    process.stdout.readline()
+    polite = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    codes = launch.stop([launch.Child("vae", "", process), launch.Child("orchestrator", "", polite)], grace_s=0.5)
+    assert codes == {"vae": -9, "orchestrator": -15}
+
+
+def test_output_paths_number_the_extra_images():
+    assert [p.name for p in output_paths("dir/out.png", 3)] == ["out.png", "out-1.png", "out-2.png"]
+
+
+def test_a_real_base_model_needs_a_real_refiner_model():
+    with pytest.raises(ValueError, match="--refiner-model"):
+        launch.ServeOptions(base_model="/m/base")
+    launch.ServeOptions(base_model="/m/base", no_refiner=True)
