@@ -29,6 +29,8 @@ def _serve_all_parser(sub) -> None:
     p.add_argument("--base-model", help="the base model (folder or file); default: the tiny model")
     p.add_argument("--refiner-model", help="the refiner model; default: the tiny model")
     p.add_argument("--no-refiner", action="store_true", help="start no refiner stage")
+    p.add_argument("--base-inpainting", action="store_true",
+                   help="the base model is a 9-channel inpainting model (the orchestrator must know to reproduce seeds)")
     p.add_argument("--host", default="[::]", help="the orchestrator's listening host (default: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="the orchestrator's port; 0 picks a free one")
     p.add_argument("--device", help="every stage's device, unless its own is given")
@@ -92,6 +94,7 @@ def serve_all(args: argparse.Namespace) -> int:
 def _serve_options(args: argparse.Namespace) -> launch.ServeOptions:
     return launch.ServeOptions(
         base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
+        base_inpainting=args.base_inpainting,
         host=args.host, port=args.port, device=args.device, text_encoder_device=args.text_encoder_device,
         base_device=args.base_device, refiner_device=args.refiner_device, vae_device=args.vae_device,
         dtype=args.dtype, start_timeout_s=args.start_timeout,

@@ -37,6 +37,7 @@ class ServeOptions:
     base_model: str | None = None
     refiner_model: str | None = None
     no_refiner: bool = False
+    base_inpainting: bool = False  # a 9-channel inpainting base: Vae.Encode then draws its masked-image samples
     host: str = "[::]"
     port: int = 50051  # the orchestrator's; 0 picks a free one
     device: str | None = None  # every stage's, unless its own is given
@@ -63,6 +64,13 @@ class ServeOptions:
         args += ["--device", device] if device else []
         args += ["--dtype", self.dtype] if self.dtype else []
         return args
+
+
+    def orchestrator_args(self, addresses: dict[str, str]) -> list[str]:
+        """The stages' addresses, and what Vae.Encode needs to replay the base's random draws."""
+        args = [arg for stage, address in addresses.items() for arg in (f"--{stage.replace('_', '-')}", address)]
+        args += ["--base-dtype", self.dtype] if self.dtype else []
+        return args + (["--base-inpainting"] if self.base_inpainting else [])
 
 
 def free_port() -> int:
@@ -202,11 +210,9 @@ class Cluster:
             for child in self.children:
                 wait_ready(child, deadline, abort)
             # Last, so its first connections find the stages up instead of backing off from refusals.
-            routes = [arg for s in stages for arg in (f"--{s.replace('_', '-')}", addresses[s])]
             bind = f"{self.options.host}:{self.port}"
-            # The VAE stage replays the base's random draws for img2img / inpaint: it needs the base's dtype.
-            routes += ["--base-dtype", self.options.dtype] if self.options.dtype else []
-            self.children.append(spawn("orchestrator", [*routes, "--address", bind], self.address, self.echo))
+            args = [*self.options.orchestrator_args(addresses), "--address", bind]
+            self.children.append(spawn("orchestrator", args, self.address, self.echo))
             wait_ready(self.children[-1], deadline, abort)
         except BaseException:
             self.stop()

@@ -45,3 +45,14 @@ def test_a_real_base_model_needs_a_real_refiner_model():
     with pytest.raises(ValueError, match="--refiner-model"):
         launch.ServeOptions(base_model="/m/base")
     launch.ServeOptions(base_model="/m/base", no_refiner=True)
+
+
+def test_orchestrator_gets_every_stage_and_the_base_facts_the_draw_replay_needs():
+    options = launch.ServeOptions(dtype="float16", base_inpainting=True)
+    args = options.orchestrator_args({"text_encoder": "127.0.0.1:1", "base": "127.0.0.1:2", "vae": "127.0.0.1:3"})
+    assert args == ["--text-encoder", "127.0.0.1:1", "--base", "127.0.0.1:2", "--vae", "127.0.0.1:3",
+                    "--base-dtype", "float16", "--base-inpainting"]
+    from sdxl_services.stage import parse_args
+
+    parsed = parse_args(["orchestrator", *args])
+    assert (parsed.text_encoder, parsed.base_dtype, parsed.base_inpainting) == ("127.0.0.1:1", "float16", True)
