@@ -1,6 +1,18 @@
 """The transport cost of the service chain: one Generate through gRPC minus the same work in process.
 
-Run with `make bench` (or `python -m bench.transport [--repeats N] [--steps N] [--size N]`).
+Run with `make bench` (or `python -m bench.transport [--repeats N] [--replay-repeats N] [--replay-only]
+[--steps N] [--size N]`).
+
+The headline, checked against the < 15 ms target, is the replay measurement: the real orchestrator over
+stage servers that hold no model. During one real request every response each stage sent is recorded;
+the replay stages then read and decode (TensorAssembler, as the real servicers do) the whole request
+stream the orchestrator sends them, and send the recorded responses back at once, their tensors
+re-chunked by to_proto_chunks on every call so the codec cost counts on both sides. Timed both through
+SDXLClient.generate (which decodes the PNG) and the raw Orchestrator stub (the stream only). With
+--replay-only the slow full comparison below is skipped (one real request is still made, to record).
+
+The full comparison (shown too: it checks the images are equal, but the model's compute makes its
+difference too noisy for the target):
 Every server is started in this process on loopback (port 0) over the tiny model:
 client -> orchestrator -> text encoder -> base -> refiner -> vae. The in-process side is the
 pipelines the chain reproduces exactly: SDXLPipeline(denoising_end=0.8, output_type="latent") then
