@@ -1,7 +1,7 @@
 """The transport cost of the service chain: one Generate through gRPC minus the same work in process.
 
 Run with `make bench` (or `python -m bench.transport [--repeats N] [--replay-repeats N] [--replay-only]
-[--steps N] [--size N]`).
+[--replay-processes] [--steps N] [--size N]`).
 
 The headline, checked against the < 15 ms target, is the replay measurement: the real orchestrator over
 stage servers that hold no model. During one real request every response each stage sent is recorded;
@@ -10,6 +10,8 @@ stream the orchestrator sends them, and send the recorded responses back at once
 re-chunked by to_proto_chunks on every call so the codec cost counts on both sides. Timed both through
 SDXLClient.generate (which decodes the PNG) and the raw Orchestrator stub (the stream only). With
 --replay-only the slow full comparison below is skipped (one real request is still made, to record).
+The replay servers share this process (and its GIL) with the client; --replay-processes measures it again
+with each replay stage and the orchestrator in a spawned process of its own, as deployed.
 
 The full comparison (shown too: it checks the images are equal, but the model's compute makes its
 difference too noisy for the target):
@@ -87,7 +89,10 @@ def instrument(traffic: Traffic) -> Callable[[], None]:
             traffic.add(name, "sent", request)
         else:
             request = traffic.counted(name, "sent", request)
-        for response in traffic.counted(name, "received", stage_call(self, name, method, request)):
+        return recorded(name, stage_call(self, name, method, request))  # the call starts now, as stage_call's
+
+    def recorded(name: str, responses: Iterator) -> Iterator:
+        for response in traffic.counted(name, "received", responses):
             if traffic.recording is not None:
                 traffic.recording.setdefault((name, type(response).__name__), []).append(response)
             yield response
@@ -180,32 +185,37 @@ def _read_chunks(requests: Iterator, names: set[str]) -> dict[str, torch.Tensor]
     return assembler.finish()
 
 
-def start_replay_chain(recording: dict[tuple[str, str], list]):
-    """Stage servers that hold no model: each reads and decodes its whole request stream as the real one does,
-    then replays the responses recorded from the real stage; and a real orchestrator over them."""
+STAGES = ("text_encoder", "base", "refiner", "vae")
+
+
+def replay_server(stage: str, recording: dict[tuple[str, str], list]):
+    """A started, SERVING stage server that holds no model: it reads and decodes its whole request stream as the
+    real one does, then replays the responses recorded from the real stage."""
     from sdxl.v1 import denoiser_pb2_grpc, text_encoder_pb2_grpc, vae_pb2_grpc
-    from sdxl_services import denoiser, orchestrator, text_encoder, vae
+    from sdxl_services import denoiser, text_encoder, vae
     from sdxl_services.server import Server
 
-    def replay(stage: str, kind: str) -> Replay:
+    def replay(kind: str) -> Replay:
         return Replay(recording.get((stage, kind), []))
 
     class TextEncoder(text_encoder_pb2_grpc.TextEncoderServicer):
-        responses = replay("text_encoder", "EncodePromptResponse")
+        def __init__(self):
+            self.responses = replay("EncodePromptResponse")
 
         def EncodePrompt(self, request, context):
             yield from self.responses
 
     class Denoiser(denoiser_pb2_grpc.DenoiserServicer):
-        def __init__(self, stage: str):
-            self.responses = replay(stage, "DenoiseResponse")
+        def __init__(self):
+            self.responses = replay("DenoiseResponse")
 
         def Denoise(self, request_iterator, context):
             denoiser.read_stream(request_iterator)
             yield from self.responses
 
     class Vae(vae_pb2_grpc.VaeServicer):
-        decoded, encoded = replay("vae", "DecodeResponse"), replay("vae", "EncodeResponse")
+        def __init__(self):
+            self.decoded, self.encoded = replay("DecodeResponse"), replay("EncodeResponse")
 
         def Decode(self, request_iterator, context):
             _read_chunks(request_iterator, {"latents"})
@@ -215,20 +225,89 @@ def start_replay_chain(recording: dict[tuple[str, str], list]):
             vae.read_encode(request_iterator)
             yield from self.encoded
 
-    servicers = {
-        "text_encoder": (text_encoder_pb2_grpc.add_TextEncoderServicer_to_server, TextEncoder(), text_encoder.SERVICE),
-        "base": (denoiser_pb2_grpc.add_DenoiserServicer_to_server, Denoiser("base"), denoiser.SERVICE),
-        "refiner": (denoiser_pb2_grpc.add_DenoiserServicer_to_server, Denoiser("refiner"), denoiser.SERVICE),
-        "vae": (vae_pb2_grpc.add_VaeServicer_to_server, Vae(), vae.SERVICE),
-    }
-    servers = {}
-    for stage, (add, servicer, service) in servicers.items():
-        servers[stage] = Server(stage, [(add, servicer)], [service], address="127.0.0.1:0")
-        servers[stage].start()
-        servers[stage].set_serving()
+    if stage == "text_encoder":
+        add, servicer, service = text_encoder_pb2_grpc.add_TextEncoderServicer_to_server, TextEncoder(), \
+            text_encoder.SERVICE
+    elif stage in ("base", "refiner"):
+        add, servicer, service = denoiser_pb2_grpc.add_DenoiserServicer_to_server, Denoiser(), denoiser.SERVICE
+    else:
+        add, servicer, service = vae_pb2_grpc.add_VaeServicer_to_server, Vae(), vae.SERVICE
+    server = Server(stage, [(add, servicer)], [service], address="127.0.0.1:0")
+    server.start()
+    server.set_serving()
+    return server
+
+
+def start_replay_chain(recording: dict[tuple[str, str], list]):
+    """Replay servers for every stage (replay_server), and a real orchestrator over them; all in this process."""
+    from sdxl_services import orchestrator
+
+    servers = {stage: replay_server(stage, recording) for stage in STAGES}
     addresses = {name: f"127.0.0.1:{server.port}" for name, server in servers.items()}
     servers["orchestrator"] = orchestrator.build(addresses["text_encoder"], addresses["base"], addresses["refiner"],
                                                  addresses["vae"], address="127.0.0.1:0")
+    return servers
+
+
+def _serve_child(stage: str, payload, conn) -> None:
+    """A child process's main: one replay stage (payload: its recorded responses) or the orchestrator (payload:
+    the stages' addresses); sends its port, serves until told to stop."""
+    torch.set_num_threads(1)
+    if stage == "orchestrator":
+        from sdxl_services import orchestrator
+
+        server = orchestrator.build(*payload, address="127.0.0.1:0")
+    else:
+        server = replay_server(stage, payload)
+    conn.send(server.port)
+    try:
+        conn.recv()  # anything, or EOF when the parent is gone
+    except EOFError:
+        pass
+    server.stop(0)
+
+
+class ChildServer:
+    """A server in its own process (multiprocessing spawn), as deployed: no GIL shared with the others."""
+
+    def __init__(self, stage: str, payload):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_serve_child, args=(stage, payload, child), name=f"replay-{stage}",
+                                       daemon=True)
+        self.process.start()
+        child.close()
+        if not self.conn.poll(120):
+            self.process.kill()
+            raise RuntimeError(f"the {stage} process did not start")
+        self.port = self.conn.recv()
+
+    def stop(self, grace=None) -> None:
+        try:
+            self.conn.send("stop")
+        except OSError:
+            pass
+        self.process.join(10)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def start_replay_processes(recording: dict[tuple[str, str], list]):
+    """start_replay_chain with every stage and the orchestrator in a process of its own."""
+    servers = {}
+    try:
+        for stage in STAGES:
+            servers[stage] = ChildServer(stage, {key: responses for key, responses in recording.items()
+                                                 if key[0] == stage})
+        addresses = tuple(f"127.0.0.1:{servers[stage].port}" for stage in STAGES)
+        servers["orchestrator"] = ChildServer("orchestrator", addresses)
+    except BaseException:
+        for server in servers.values():
+            server.stop(0)
+        raise
     return servers
 
 
@@ -242,14 +321,15 @@ def _ms(seconds: list[float]) -> tuple[float, float]:
     return min(seconds) * 1e3, statistics.median(seconds) * 1e3
 
 
-def measure_replay(recording, size: int, steps: int, repeats: int, reference_png: bytes) -> dict[str, list[float]]:
+def measure_replay(recording, size: int, steps: int, repeats: int, reference_png: bytes,
+                   processes: bool = False) -> dict[str, list[float]]:
     """Time Generate through the real orchestrator over replay stages: SDXLClient.generate, and the raw stub
-    (the stream consumed, no PNG decode), alternating."""
+    (the stream consumed, no PNG decode), alternating. With `processes`, every server runs in its own process."""
     from sdxl.v1 import orchestrator_pb2_grpc
     from sdxl_client import SDXLClient
     from sdxl_client.client import _prepare
 
-    servers = start_replay_chain(recording)
+    servers = start_replay_processes(recording) if processes else start_replay_chain(recording)
     client = SDXLClient(f"127.0.0.1:{servers['orchestrator'].port}", timeout=60)
     stub = orchestrator_pb2_grpc.OrchestratorStub(client.channel)
     kwargs = dict(height=size, width=size, num_inference_steps=steps, seed=SEED, refiner="ensemble",
@@ -289,6 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-repeats", type=int, default=30, help="repeats of the replay measurement")
     parser.add_argument("--replay-only", action="store_true",
                         help="one real request (to record the stages' responses), then only the replay measurement")
+    parser.add_argument("--replay-processes", action="store_true",
+                        help="also run the replay measurement with every stage and the orchestrator in a process "
+                             "of its own (spawned), as deployed, so the servers share no GIL")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (latents are size/8)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models on shared CPUs)")
@@ -403,16 +486,25 @@ def main(argv: list[str] | None = None) -> int:
           + f"; total {sum(s + r for s, r in full.values()):,} B + the PNG")
 
     replay = measure_replay(recording, size, steps, args.replay_repeats, service_png)
-    (c_best, c_med), (r_best, r_med) = _ms(replay["client"]), _ms(replay["raw_stub"])
+    rows = [("", replay)]
+    if args.replay_processes:
+        rows.append((", servers in processes", measure_replay(recording, size, steps, args.replay_repeats,
+                                                              service_png, processes=True)))
     print(f"\nTRANSPORT (headline): the real orchestrator over replay stages that hold no model -- each reads and "
           f"decodes\n(TensorAssembler) its whole request stream, then re-chunks (to_proto_chunks) and sends the "
-          f"responses\nrecorded from the real stages; same messages, same bytes, no compute. All servers in this "
-          f"process,\nloopback, {args.replay_repeats} alternating repeats.")
-    print(f"{'path':<44} {'best ms':>10} {'median ms':>10}")
-    print(f"{'SDXLClient.generate (incl. PNG decode)':<44} {c_best:>10.1f} {c_med:>10.1f}")
-    print(f"{'raw Orchestrator.Generate stub (no decode)':<44} {r_best:>10.1f} {r_med:>10.1f}")
+          f"responses\nrecorded from the real stages; same messages, same bytes, no compute. Loopback, "
+          f"{args.replay_repeats} alternating repeats;\nall servers in this process"
+          + ("; then (servers in processes) each stage and the orchestrator in a spawned process of its own, as "
+             "deployed." if args.replay_processes else "."))
+    print(f"{'path':<66} {'best ms':>10} {'median ms':>10}")
+    medians = []
+    for suffix, times in rows:
+        (c_best, c_med), (r_best, r_med) = _ms(times["client"]), _ms(times["raw_stub"])
+        print(f"{'SDXLClient.generate (incl. PNG decode)' + suffix:<66} {c_best:>10.1f} {c_med:>10.1f}")
+        print(f"{'raw Orchestrator.Generate stub (no decode)' + suffix:<66} {r_best:>10.1f} {r_med:>10.1f}")
+        medians += [("SDXLClient.generate" + suffix, c_med), ("raw stub, PNG decode excluded" + suffix, r_med)]
     print(f"client PNG decode alone: {min(decode_s) * 1e3:.1f} ms")
-    for label, median in (("SDXLClient.generate", c_med), ("raw stub, PNG decode excluded", r_med)):
+    for label, median in medians:
         print(f"target < {TARGET_MS:.0f} ms per request on loopback, {label} (median): "
               f"{'MET' if median < TARGET_MS else 'NOT MET'} ({median:.1f} ms)")
     return 0
