@@ -127,6 +127,17 @@ def analytic(base: UNetConfig, refiner: UNetConfig, latent: int, batch: int) -> 
     }
 
 
+def alternate(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each run, `repeats` times, alternating who goes first."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(repeats):
+        for name in list(runs)[:: 1 if i % 2 == 0 else -1]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def start_chain(model_dir):
     from sdxl_services import denoiser, orchestrator, text_encoder, vae
 
@@ -349,13 +360,7 @@ def measure_replay(recording, size: int, steps: int, repeats: int, reference_png
         for _ in range(3):  # warm-up
             sdxl_client()
             raw_stub()
-        times: dict[str, list[float]] = {"client": [], "raw_stub": []}
-        runs = {"client": sdxl_client, "raw_stub": raw_stub}
-        for i in range(repeats):
-            for name in (("client", "raw_stub") if i % 2 == 0 else ("raw_stub", "client")):
-                start = time.perf_counter()
-                runs[name]()
-                times[name].append(time.perf_counter() - start)
+        times = alternate({"client": sdxl_client, "raw_stub": raw_stub}, repeats)
     finally:
         client.close()
         for server in servers.values():
@@ -420,13 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (stage_steps.get("base", 0) >= 1 and stage_steps.get("refiner", 0) >= 1):
             print(f"WARNING: a stage runs no step at {steps} steps: {stage_steps}; use more --steps")
         if not args.replay_only:
-            runs = {"service": service, "in_process": in_process}
-            for i in range(args.repeats):
-                order = ("service", "in_process") if i % 2 == 0 else ("in_process", "service")
-                for name in order:
-                    start = time.perf_counter()
-                    runs[name]()
-                    times[name].append(time.perf_counter() - start)
+            times = alternate({"service": service, "in_process": in_process}, args.repeats)
     finally:
         client.close()
         for server in servers.values():
