@@ -1,0 +1,235 @@
+"""The rendered Kubernetes manifests (deploy/k8s, kustomize) against the code: no drift.
+
+Renders the base and each overlay with `kubectl kustomize` (offline) and checks that every container's
+args parse with the stage's own argument parser, that ports, probes, grace periods, Services and the
+orchestrator's dns:/// targets agree with each other and with the services' defaults.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from sdxl_services.stage import STAGES, parse_args, server_options
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+TARGETS = ["base", "overlays/single-node", "overlays/cluster"]
+STAGE_FLAGS = {"text_encoder": "--text-encoder", "base": "--base", "refiner": "--refiner", "vae": "--vae"}
+GPU_STAGES = {"base", "refiner"}
+PRESTOP_MARGIN_S = 5  # the last responses' flush and process exit, beyond preStop + drain
+
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+
+
+def render(target: str) -> list[dict]:
+    proc = subprocess.run(["kubectl", "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        pytest.fail(f"kubectl kustomize {target} failed:\n{proc.stderr}")
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]
+
+
+@pytest.fixture(scope="module", params=TARGETS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(request.param)
+
+
+@pytest.fixture(scope="module")
+def all_rendered() -> dict[str, list[dict]]:
+    return {t: render(t) for t in TARGETS}
+
+
+def of_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def containers(docs: list[dict]):
+    """(deployment, pod spec, container, parsed args) for every container of every Deployment."""
+    for dep in of_kind(docs, "Deployment").values():
+        spec = dep["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            assert not c.get("command"), f"{c['name']}: the image's ENTRYPOINT runs python -m sdxl_services"
+            try:
+                args = parse_args([str(a) for a in c["args"]])
+            except SystemExit:
+                pytest.fail(f"{dep['metadata']['name']}: args do not parse with sdxl_services.stage: {c['args']}")
+            yield dep, spec, c, args
+
+
+def port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def stage_deployments(docs: list[dict]) -> dict[str, tuple[dict, dict, dict, object]]:
+    found = {}
+    for dep, spec, c, args in containers(docs):
+        assert args.stage not in found, f"two Deployments run {args.stage}"
+        found[args.stage] = (dep, spec, c, args)
+    return found
+
+
+def test_every_stage_deployed_once(rendered):
+    _, docs = rendered
+    assert set(stage_deployments(docs)) == set(STAGES)
+
+
+def test_ports_and_probes_match_address(rendered):
+    _, docs = rendered
+    for dep, _, c, args in containers(docs):
+        name = dep["metadata"]["name"]
+        port = port_of(args.address)
+        assert port != 0, f"{name}: --address needs a fixed port"
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ports.get("grpc") == port, f"{name}: containerPort 'grpc' {ports.get('grpc')} != --address {port}"
+        if args.metrics_port is not None:
+            assert ports.get("metrics") == args.metrics_port, f"{name}: metrics containerPort != --metrics-port"
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert probe in c, f"{name}: no {probe}"
+            assert c[probe].get("grpc", {}).get("port") == port, f"{name}: {probe} is not grpc on port {port}"
+
+
+def test_startup_probe_allows_weight_loading(rendered):
+    _, docs = rendered
+    for dep, _, c, args in containers(docs):
+        if args.stage == "orchestrator":
+            continue
+        p = c["startupProbe"]
+        budget = p.get("failureThreshold", 3) * p.get("periodSeconds", 10) + p.get("initialDelaySeconds", 0)
+        assert budget >= 600, f"{dep['metadata']['name']}: startupProbe allows {budget} s, weights need up to 10 min"
+
+
+def test_grace_period_covers_prestop_and_drain(rendered):
+    _, docs = rendered
+    for dep, spec, c, args in containers(docs):
+        drain = server_options(args).grace_s
+        pre = c.get("lifecycle", {}).get("preStop")
+        assert pre, f"{dep['metadata']['name']}: no preStop to let endpoints update before draining"
+        command = pre["exec"]["command"]
+        assert command[0] == "sleep", f"{dep['metadata']['name']}: preStop {command}"
+        sleep_s = float(command[1])
+        period = spec.get("terminationGracePeriodSeconds", 30)
+        assert period >= sleep_s + drain + PRESTOP_MARGIN_S, (
+            f"{dep['metadata']['name']}: terminationGracePeriodSeconds {period} < preStop {sleep_s} + drain {drain}"
+            f" + {PRESTOP_MARGIN_S}")
+
+
+def test_services_select_their_stage_and_port(rendered):
+    _, docs = rendered
+    services = of_kind(docs, "Service")
+    deployments = stage_deployments(docs)
+    for stage, (dep, _, c, args) in deployments.items():
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        matching = [s for s in services.values() if s["spec"]["selector"].items() <= labels.items()]
+        assert len(matching) == 1, f"{stage}: {len(matching)} Services select it"
+        svc = matching[0]
+        (port,) = svc["spec"]["ports"]
+        target = port["targetPort"]
+        assert target == "grpc" or target == port_of(args.address), f"{stage}: Service targetPort {target}"
+        if stage == "orchestrator":
+            assert svc["spec"].get("clusterIP") != "None", "the orchestrator's Service is for clients: ClusterIP"
+        else:
+            assert svc["spec"].get("clusterIP") == "None", f"{stage}: stage Services must be headless for dns:///"
+
+
+def test_orchestrator_targets_name_stage_services(rendered):
+    _, docs = rendered
+    services = of_kind(docs, "Service")
+    deployments = stage_deployments(docs)
+    *_, orch = deployments["orchestrator"]
+    for stage, flag in STAGE_FLAGS.items():
+        target = getattr(orch, stage)
+        assert target, f"orchestrator: no {flag}"
+        url = urlparse(target)
+        assert url.scheme == "dns" and url.netloc == "", f"orchestrator {flag}={target}: want dns:///NAME:PORT"
+        host, port = url.path.lstrip("/").rsplit(":", 1)
+        name = host.split(".")[0]
+        assert name in services, f"orchestrator {flag}: no Service {name}"
+        svc = services[name]
+        (svc_port,) = svc["spec"]["ports"]
+        assert svc_port["port"] == int(port), f"orchestrator {flag}: port {port} != Service {name}'s {svc_port}"
+        dep, _, _, args = deployments[stage]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= labels.items(), f"orchestrator {flag}: {name} selects no {stage}"
+        assert svc_port["targetPort"] in ("grpc", port_of(args.address))
+    *_, base = deployments["base"]
+    assert orch.base_dtype == base.dtype, "orchestrator --base-dtype must equal the base stage's --dtype"
+
+
+def test_devices_match_gpu_requests(rendered):
+    _, docs = rendered
+    for dep, spec, c, args in containers(docs):
+        name = dep["metadata"]["name"]
+        limits = c.get("resources", {}).get("limits", {})
+        gpus = int(limits.get("nvidia.com/gpu", 0))
+        if args.stage in GPU_STAGES:
+            assert gpus == 1, f"{name}: a GPU stage requests nvidia.com/gpu: 1, got {gpus}"
+            assert args.device == "cuda:0", f"{name}: one visible GPU is cuda:0, got --device {args.device}"
+            assert any(t.get("key") == "nvidia.com/gpu" for t in spec.get("tolerations", [])), f"{name}: toleration"
+        if args.device.startswith("cuda"):
+            assert gpus >= int(args.device.partition(":")[2] or 0) + 1, f"{name}: --device {args.device} without GPU"
+        elif args.stage != "orchestrator":
+            assert args.dtype != "float16", f"{name}: float16 on CPU"
+
+
+def test_models_come_from_the_readonly_volume(rendered):
+    _, docs = rendered
+    claims = of_kind(docs, "PersistentVolumeClaim")
+    for dep, spec, c, args in containers(docs):
+        if args.stage == "orchestrator":
+            continue
+        name = dep["metadata"]["name"]
+        assert args.model, f"{name}: no --model would load the tiny test model"
+        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for path in filter(None, (args.model, args.refiner_model)):
+            mount = next((m for p, m in mounts.items() if path.startswith(p.rstrip("/") + "/")), None)
+            assert mount, f"{name}: {path} is on no mounted volume"
+            assert mount.get("readOnly"), f"{name}: the models volume is mounted read-write"
+            claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+            assert "ReadOnlyMany" in claims[claim]["spec"]["accessModes"]
+
+
+def test_container_security(rendered):
+    _, docs = rendered
+    for dep, spec, c, _ in containers(docs):
+        assert spec.get("securityContext", {}).get("runAsNonRoot"), dep["metadata"]["name"]
+        assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False, dep["metadata"]["name"]
+
+
+def replicas(docs: list[dict]) -> dict[str, int]:
+    return {args.stage: dep["spec"].get("replicas", 1) for dep, _, _, args in containers(docs)}
+
+
+def test_single_node_overlay(all_rendered):
+    docs = all_rendered["overlays/single-node"]
+    assert set(replicas(docs).values()) == {1}
+    hosts = set()
+    for dep, spec, _, args in containers(docs):
+        hosts.add(spec.get("nodeSelector", {}).get("kubernetes.io/hostname"))
+        if args.stage in GPU_STAGES:  # no spare GPU for a surge pod during a rollout
+            assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
+    assert len(hosts) == 1 and None not in hosts, f"single-node pins every stage to one node, got {hosts}"
+
+
+def test_cluster_overlay_replicas(all_rendered):
+    counts = replicas(all_rendered["overlays/cluster"])
+    assert counts["refiner"] >= 1 and counts["base"] == 4 * counts["refiner"], counts
+
+
+def test_dockerfile_matches_the_cli():
+    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
+    assert 'ENTRYPOINT ["python", "-m", "sdxl_services"]' in dockerfile
+    assert "USER 10001" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            for src in line.split()[1:-1]:
+                assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for needed in ("pyproject.toml", "setup.py", "protos", "sdxl_core", "services", "client"):
+        assert needed not in ignored, f".dockerignore drops {needed}, which the image build needs"
