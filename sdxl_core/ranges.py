@@ -62,3 +62,12 @@ def check_start_before_end(denoising_start: float | None, denoising_end: float |
         raise ValueError(
             f"`denoising_start` ({denoising_start!r}) must be below `denoising_end` ({denoising_end!r})"
         )
+
+
+def check_range(strength: float | None, denoising_start: float | None, denoising_end: float | None) -> None:
+    """The img2img / inpaint range arguments: each in range, and the start before the end."""
+    if strength is not None:
+        check_strength(strength)
+    check_fraction("denoising_start", denoising_start)
+    check_fraction("denoising_end", denoising_end)
+    check_start_before_end(denoising_start, denoising_end)

@@ -23,7 +23,7 @@ from sdxl_core.loading import load_single_file, load_unet, model_type
 from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings
-from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
+from sdxl_core.ranges import check_range
 from sdxl_core.schedulers import SCHEDULERS, Schedule, make_schedule
 from sdxl_core.stages import Draws, EncodedImage, denoise_range, denoise_stage
 
@@ -83,12 +83,7 @@ def check_scalars(header: denoiser_pb2.DenoiseHeader, max_steps: int) -> None:
         raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {header.guidance_scale}")
     if not (math.isfinite(header.guidance_rescale) and 0 <= header.guidance_rescale <= 1):
         raise ValueError(f"`guidance_rescale` must be in [0, 1], got {header.guidance_rescale}")
-    start, end = _optional(header, "denoising_start"), _optional(header, "denoising_end")
-    check_fraction("denoising_start", start)
-    check_fraction("denoising_end", end)
-    check_start_before_end(start, end)
-    if header.HasField("strength"):
-        check_strength(header.strength)
+    check_range(_optional(header, "strength"), _optional(header, "denoising_start"), _optional(header, "denoising_end"))
 
 
 def _optional(message, name: str):

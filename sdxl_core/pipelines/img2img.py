@@ -13,7 +13,7 @@ from sdxl_core.latents import VAE_SCALE_FACTOR, preprocess_image
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
+from sdxl_core.ranges import check_range
 from sdxl_core.schedulers import make_schedule
 from sdxl_core.stages import denoise_range, denoise_stage, encode_image_stage, fork
 
@@ -64,10 +64,7 @@ class SDXLImg2ImgPipeline(PipelineBase):
         if image is None:
             raise ValueError("`image` is required: an image, or latents from a base with output_type='latent'")
         check_common(num_inference_steps, output_type)
-        check_strength(strength)
-        check_fraction("denoising_start", denoising_start)
-        check_fraction("denoising_end", denoising_end)
-        check_start_before_end(denoising_start, denoising_end)
+        check_range(strength, denoising_start, denoising_end)
         generator = resolve_generator(generator, seed)
         guided = guidance_scale > 1
 

@@ -14,7 +14,7 @@ from sdxl_core.masks import check_mask_matches, image_size, is_latents, preproce
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, check_size, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import check_fraction, check_start_before_end, check_strength
+from sdxl_core.ranges import check_range
 from sdxl_core.schedulers import make_schedule
 from sdxl_core.stages import denoise_range, denoise_stage, encode_inpaint_stage, fork
 
@@ -82,10 +82,7 @@ class SDXLInpaintPipeline(PipelineBase):
             raise ValueError("`image` and `mask_image` are both required")
         check_mask_matches(image, mask_image)
         check_common(num_inference_steps, output_type)
-        check_strength(strength)
-        check_fraction("denoising_start", denoising_start)
-        check_fraction("denoising_end", denoising_end)
-        check_start_before_end(denoising_start, denoising_end)
+        check_range(strength, denoising_start, denoising_end)
         generator = resolve_generator(generator, seed)
         guided = guidance_scale > 1
 
