@@ -46,6 +46,7 @@ from sdxl_core.configs import (
 )
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLPipeline
 from sdxl_core.tiny import ensure_tiny_model
+from sdxl_services.allocator import keep_message_buffers
 
 TARGET_MS = 15.0
 PROMPT = "an astronaut riding a horse on the moon"
@@ -155,15 +156,29 @@ def start_chain(model_dir):
 
 class Replay:
     """One stage's recorded responses, replayed with the codec work of the real stage: tensors (from the
-    recorded chunks) are re-chunked by to_proto_chunks on every call, other messages sent as recorded."""
+    recorded chunks) are re-chunked by to_proto_chunks (and packed, where the message packs them) on every
+    call, other messages sent as recorded."""
 
     def __init__(self, responses: list):
         from sdxl_services.tensors import TensorAssembler
 
         assembler = TensorAssembler()
-        self.events: list[tuple[str, object]] = []  # ("tensor", (response type, name)) or ("message", message)
+        # ("tensor", (response type, name)), ("packed", (first response without its chunks, [names])) or
+        # ("message", message)
+        self.events: list[tuple[str, object]] = []
         for response in responses:
-            if response.HasField("chunk"):
+            if "chunks" in response.DESCRIPTOR.fields_by_name:  # a run of packed messages is one event
+                for chunk in response.chunks:
+                    assembler.add(chunk)
+                names = [c.name for c in response.chunks if c.offset == 0]
+                if self.events and self.events[-1][0] == "packed":
+                    self.events[-1][1][1].extend(names)
+                else:
+                    first = type(response)()
+                    first.CopyFrom(response)
+                    first.ClearField("chunks")
+                    self.events.append(("packed", (first, names)))
+            elif response.HasField("chunk"):
                 assembler.add(response.chunk)
                 if response.chunk.offset == 0:
                     self.events.append(("tensor", (type(response), response.chunk.name)))
@@ -172,28 +187,23 @@ class Replay:
         self.tensors = assembler.finish()
 
     def __iter__(self) -> Iterator:
-        from sdxl_services.tensors import to_proto_chunks
+        from sdxl_services.tensors import packed, to_proto_chunks
 
         for kind, value in self.events:
             if kind == "message":
                 yield value
+            elif kind == "packed":
+                first, names = value
+                for i, chunks in enumerate(packed(to_proto_chunks(name, self.tensors[name]) for name in names)):
+                    message = type(first)()
+                    if i == 0:
+                        message.CopyFrom(first)
+                    message.chunks.extend(chunks)
+                    yield message
             else:
                 response_type, name = value
                 for chunk in to_proto_chunks(name, self.tensors[name]):
                     yield response_type(chunk=chunk)
-
-
-def _read_chunks(requests: Iterator, names: set[str]) -> dict[str, torch.Tensor]:
-    """The header, then tensor chunks, decoded as Vae.Decode does (TensorAssembler)."""
-    from sdxl_services.tensors import TensorAssembler
-
-    first = next(requests, None)
-    if first is None or first.WhichOneof("payload") != "header":
-        raise ValueError("the first request must carry the header")
-    assembler = TensorAssembler(names=names)
-    for request in requests:
-        assembler.add(request.chunk)
-    return assembler.finish()
 
 
 STAGES = ("text_encoder", "base", "refiner", "vae")
@@ -205,6 +215,7 @@ def replay_server(stage: str, recording: dict[tuple[str, str], list]):
     from sdxl.v1 import denoiser_pb2_grpc, text_encoder_pb2_grpc, vae_pb2_grpc
     from sdxl_services import denoiser, text_encoder, vae
     from sdxl_services.server import Server
+    from sdxl_services.tensors import read_header_stream
 
     def replay(kind: str) -> Replay:
         return Replay(recording.get((stage, kind), []))
@@ -229,7 +240,7 @@ def replay_server(stage: str, recording: dict[tuple[str, str], list]):
             self.decoded, self.encoded = replay("DecodeResponse"), replay("EncodeResponse")
 
         def Decode(self, request_iterator, context):
-            _read_chunks(request_iterator, {"latents"})
+            read_header_stream(request_iterator, "DecodeRequest", names={"latents"})  # as Vae.Decode
             yield from self.decoded
 
         def Encode(self, request_iterator, context):
@@ -264,6 +275,7 @@ def _serve_child(stage: str, payload, conn) -> None:
     """A child process's main: one replay stage (payload: its recorded responses) or the orchestrator (payload:
     the stages' addresses); sends its port, serves until told to stop."""
     torch.set_num_threads(1)
+    keep_message_buffers()  # as `python -m sdxl_services` does in every stage process
     if stage == "orchestrator":
         from sdxl_services import orchestrator
 
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: tiny models on shared CPUs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_message_buffers()  # as `python -m sdxl_services` does in every stage process (the servers run in this one)
 
     from sdxl_client import SDXLClient
 

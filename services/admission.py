@@ -73,3 +73,13 @@ class Admission:
         """Requests running or queued now."""
         with self._cond:
             return self._running + self._waiting
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot now."""
+        return self._running
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot now."""
+        return self._waiting

@@ -7,6 +7,8 @@ import json
 
 import grpc
 
+from .tls import ChannelTls
+
 # Idempotent calls are retried once on UNAVAILABLE (a stopped or draining replica), on another replica by
 # round robin. Denoise is too: the orchestrator always sends a seed, so a retry computes the same latents, and a
 # draining replica refuses before its first step. gRPC retries only until the first response arrives.
@@ -45,9 +47,10 @@ def channel_target(addresses: str) -> str:
     raise ValueError(f"an address list must be all IPv4 or all IPv6, got {addresses!r}")
 
 
-def stage_channel(addresses: str, max_message_bytes: int) -> grpc.Channel:
-    """One channel to a stage's replicas: round robin, one retry on UNAVAILABLE, large messages allowed."""
-    return grpc.insecure_channel(channel_target(addresses), options=[
+def stage_channel(addresses: str, max_message_bytes: int, tls: ChannelTls | None = None) -> grpc.Channel:
+    """One channel to a stage's replicas: round robin, one retry on UNAVAILABLE, large messages allowed;
+    TLS (verifying the stage's certificate, and showing ours for mTLS) when `tls` is given."""
+    options = [
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
         ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
@@ -58,4 +61,8 @@ def stage_channel(addresses: str, max_message_bytes: int) -> grpc.Channel:
         # channel. Iteration, cancel(), code() and details() behave the same; only Future.result() and friends no
         # longer block, and the orchestrator never calls them.
         (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
-    ])
+    ]
+    target = channel_target(addresses)
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.credentials(), options=options + tls.options())

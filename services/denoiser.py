@@ -9,6 +9,7 @@ import math
 import queue
 import secrets
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +28,10 @@ from sdxl_core.ranges import check_range
 from sdxl_core.schedulers import SCHEDULERS, Schedule, make_schedule
 from sdxl_core.stages import Draws, EncodedImage, denoise_range, denoise_stage
 
-from . import calls
+from . import calls, metrics
 from .errors import Cancelled
 from .server import Server, ServerOptions
-from .tensors import FLOATS, TensorAssembler, expect, to_proto, to_proto_chunks
+from .tensors import FLOATS, expect, read_header_stream, to_proto, to_proto_chunks
 from .vae import DTYPES, wire_float_dtype
 
 SERVICE = "sdxl.v1.Denoiser"
@@ -61,16 +62,8 @@ class Job:
 
 
 def read_stream(requests: Iterator[denoiser_pb2.DenoiseRequest]) -> tuple[denoiser_pb2.DenoiseHeader, dict]:
-    """The header (first message, exactly once) and the tensors that follow it."""
-    first = next(requests, None)
-    if first is None or first.WhichOneof("payload") != "header":
-        raise ValueError("the first DenoiseRequest must carry the header")
-    assembler = TensorAssembler(names=TENSOR_NAMES)
-    for request in requests:
-        if request.WhichOneof("payload") != "chunk":
-            raise ValueError("after the header, every DenoiseRequest must carry a tensor chunk")
-        assembler.add(request.chunk)
-    return first.header, assembler.finish()
+    """The header (first message only) and the tensors of every message."""
+    return read_header_stream(requests, "DenoiseRequest", names=TENSOR_NAMES)
 
 
 def check_scalars(header: denoiser_pb2.DenoiseHeader, max_steps: int) -> None:
@@ -112,9 +105,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         """Header and tensors in; progress per step, then the latents, out. The UNet runs on a worker thread
         that stops at its next step once the call is cancelled or past its deadline."""
         job = self.prepare(*read_stream(request_iterator))
+        stage = model_type(self.unet.config)
+        metrics.observe_batch(stage, "Denoise", job.conditioning.prompt_embeds.shape[0])
         ended, stop, events = calls.watch(context), threading.Event(), queue.Queue()
+        last_step = [time.perf_counter()]
 
         def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
+            now = time.perf_counter()
+            metrics.observe_step(stage, now - last_step[0])
+            last_step[0] = now
             with self._lock:
                 self.steps_run += 1
             events.put(("progress", self.progress(i + 1, total, latents, job.preview)))

@@ -31,6 +31,8 @@ from .calls import call_options
 from .channels import stage_channel
 from .generate_params import ENSEMBLE, INPAINT, NONE, REFINE, TEXT2IMG, Generate, Limits, read_generate
 from .server import Server, ServerOptions
+from .tensors import packed
+from .tls import ChannelTls
 
 SERVICE = "sdxl.v1.Orchestrator"
 # It only waits on stages, so many Generates may be in flight; the stages' own queues bound the work.
@@ -105,7 +107,7 @@ class Run:
             for response in self.encode_image():
                 if response.HasField("draws"):  # the VAE's seeded draws, for the base to skip
                     base_header.encode_draws.CopyFrom(response.draws)
-                images.append(response.chunk)
+                images.extend(response.chunks)
             yield _progress(Stage.STAGE_ENCODE_IMAGE, 1)
         latents = []
         yield from self.denoise(Stage.STAGE_BASE, base_header, _renamed(prompts, _prefixed("base")), images, latents)
@@ -132,7 +134,7 @@ class Run:
             negative_prompt_2=p.negative_prompt_2, targets=targets, num_images_per_prompt=p.num_images_per_prompt,
             guided=self.request.guidance_scale > 1)
         for response in self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, request):
-            yield response.chunk
+            yield from response.chunks
 
     def encode_image(self) -> Iterator[vae_pb2.EncodeResponse]:
         p, base = self.request.params, self.stubs.base_model
@@ -182,8 +184,7 @@ class Run:
 
     def denoise(self, stage: int, header, prompts: Iterable, tensors: Iterable, latents: list) -> Iterator:
         """One Denoise call; its progress relayed, its latents chunks appended to `latents`."""
-        messages = [denoiser_pb2.DenoiseRequest(header=header)]
-        messages += [denoiser_pb2.DenoiseRequest(chunk=c) for c in (*prompts, *tensors)]
+        messages = _with_header(denoiser_pb2.DenoiseRequest, header, (prompts, tensors))
         name = "base" if stage == Stage.STAGE_BASE else "refiner"
         stub = self.stubs.base if stage == Stage.STAGE_BASE else self.stubs.refiner
         for response in self.stage_call(name, stub.Denoise, iter(messages)):
@@ -199,12 +200,18 @@ class Run:
         header = vae_pb2.DecodeHeader(output_format=p.output_format)
         if p.HasField("watermark"):
             header.watermark = p.watermark
-        messages = [vae_pb2.DecodeRequest(header=header)] + [vae_pb2.DecodeRequest(chunk=c) for c in latents]
+        messages = _with_header(vae_pb2.DecodeRequest, header, latents)
         for response in self.stage_call("vae", self.stubs.vae.Decode, iter(messages)):
             if response.WhichOneof("payload") == "image":
                 yield orchestrator_pb2.GenerateResponse(image=response.image)
             else:
                 yield orchestrator_pb2.GenerateResponse(chunk=response.chunk)
+
+
+def _with_header(message: type, header, chunks: Iterable) -> list:
+    """A header-and-chunks request stream: the header and the first chunks on one message, the rest packed."""
+    groups = packed(chunks)
+    return [message(header=header, chunks=next(groups)), *(message(chunks=group) for group in groups)]
 
 
 def _prefixed(target: str) -> dict[str, str]:
@@ -227,15 +234,15 @@ class Stubs:
     """One channel per stage, shared by every Generate."""
 
     def __init__(self, text_encoder: str, base: str, refiner: str | None, vae: str, max_message_bytes: int,
-                 base_model: BaseModel = BaseModel()):
+                 base_model: BaseModel = BaseModel(), tls: ChannelTls | None = None):
         self.base_model = base_model
-        self.channels = [stage_channel(a, max_message_bytes) for a in (text_encoder, base, vae)]
+        self.channels = [stage_channel(a, max_message_bytes, tls) for a in (text_encoder, base, vae)]
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderStub(self.channels[0])
         self.base = denoiser_pb2_grpc.DenoiserStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeStub(self.channels[2])
         self.refiner = None
         if refiner:
-            self.channels.append(stage_channel(refiner, max_message_bytes))
+            self.channels.append(stage_channel(refiner, max_message_bytes, tls))
             self.refiner = denoiser_pb2_grpc.DenoiserStub(self.channels[-1])
 
     def close(self) -> None:
@@ -263,11 +270,13 @@ def build(
     options: ServerOptions = OPTIONS,
     limits: Limits = Limits(),
     base_model: BaseModel = BaseModel(),
+    stage_tls: ChannelTls | None = None,
 ) -> Server:
-    """A started, SERVING orchestrator over the stages at these addresses ("h1:p1,h2:p2" or "dns:///name:port")."""
-    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, base_model)
+    """A started, SERVING orchestrator over the stages at these addresses ("h1:p1,h2:p2" or "dns:///name:port"),
+    calling them over TLS with `stage_tls`."""
+    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, base_model, stage_tls)
     handler = (orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, OrchestratorServicer(stubs, limits))
-    server = Server("orchestrator", [handler], [SERVICE], address, options)
+    server = Server("orchestrator", [handler], [SERVICE], address, options, on_stop=stubs.close)
     server.start()
     server.set_serving()
     return server

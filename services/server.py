@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from . import metrics
 from .admission import Admission
 from .interceptors import StageInterceptor
+from .tls import ServerTls
 
 # What a server serves: (add_XServicer_to_server, servicer) from generated code, or a generic handler.
 Handler = tuple[Callable[[Any, grpc.Server], None], Any] | grpc.GenericRpcHandler
@@ -38,6 +39,9 @@ class ServerOptions:
     min_client_ping_interval_s: float = 10.0  # clients may ping this often without being sent GOAWAY
     extra_threads: int = 4  # beyond admitted work, so health checks, reflection and refusals never wait for it
     metrics_port: int | None = None  # serve Prometheus /metrics here when set
+    tls: ServerTls | None = None  # serve TLS (mTLS with a client CA) instead of plaintext
+    # Plaintext grpc.health.v1 alone on this port: Kubernetes' gRPC probes cannot speak TLS.
+    health_port: int | None = None
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.max_queue < 0 or self.extra_threads < 1:
@@ -73,11 +77,14 @@ class Server:
         service_names: Sequence[str],
         address: str = "[::]:0",
         options: ServerOptions = ServerOptions(),
+        on_stop: Callable[[], None] | None = None,
     ):
         self.stage = stage
+        self.on_stop = on_stop  # after the last response went out: release what the handlers held
         self.options = options
         self.service_names = tuple(service_names)
         self.admission = Admission(options.max_concurrency, options.max_queue)
+        metrics.track_admission(stage, lambda: self.admission.waiting, lambda: self.admission.running)
         self.health = health.HealthServicer()
         self.log = logging.getLogger(f"sdxl.{stage}")
         self._stopped = threading.Event()
@@ -98,13 +105,26 @@ class Server:
             (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self._server.add_insecure_port(address)
+        if options.tls is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, options.tls.credentials())
         if self.port == 0:
             raise RuntimeError(f"could not bind {address}")
+        self._health_server, self.health_port = None, None
+        if options.health_port is not None:
+            self._health_server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="sdxl-health"))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            health_address = f"{address.rsplit(':', 1)[0]}:{options.health_port}"
+            self.health_port = self._health_server.add_insecure_port(health_address)
+            if self.health_port == 0:
+                raise RuntimeError(f"could not bind the health port {health_address}")
 
     def start(self) -> int:
         """Start serving (health NOT_SERVING) and return the bound port."""
         self._server.start()
+        if self._health_server is not None:
+            self._health_server.start()
         if self.options.metrics_port is not None:
             metrics.start_http_server(self.options.metrics_port)
         self.log.info("stage %s listening on port %d", self.stage, self.port)
@@ -130,6 +150,10 @@ class Server:
             )
         # Not the whole remaining grace: an open health Watch stream would hold the server for all of it.
         self._server.stop(min(max(deadline - time.monotonic(), 0.0), _FLUSH_S)).wait()
+        if self._health_server is not None:
+            self._health_server.stop(0).wait()
+        if self.on_stop is not None:
+            self.on_stop()
         self._stopped.set()
         self.log.info("stage %s stopped", self.stage)
 

@@ -2,11 +2,11 @@
 
     for chunk in to_proto_chunks("latents", latents):  # (B, 4, h, w) -> 1 MiB pieces
         yield DenoiseResponse(chunk=chunk)
+    for chunks in packed(to_proto_chunks(name, t) for name, t in embeds.items()):  # small tensors share messages
+        yield EncodePromptResponse(chunks=chunks)
 
-    assembler = TensorAssembler(names={"latents"})
-    for request in requests:
-        assembler.add(request.chunk)
-    latents = expect(assembler.finish(), "latents", ("B", 4, None, None), FLOATS)
+    header, tensors = read_header_stream(requests, "DenoiseRequest", names={"latents"})
+    latents = expect(tensors, "latents", ("B", 4, None, None), FLOATS)
 
 Bytes on the wire are little-endian whatever the host; bfloat16 travels as its 16 bits.
 Every error is a ValueError naming the tensor (the servers' interceptor makes it INVALID_ARGUMENT).
@@ -15,7 +15,7 @@ Every error is a ValueError naming the tensor (the servers' interceptor makes it
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -110,6 +110,49 @@ def to_proto_chunks(
     dtype = _wire_dtype(name, tensor.dtype)
     data = _le_bytes(tensor)  # checked and converted now, not when the stream is first read
     return _chunks(name, dtype, tuple(tensor.shape), data, chunk_bytes)
+
+
+def packed(
+    chunks: Iterable[tensor_pb2.TensorChunk] | Iterable[Iterable[tensor_pb2.TensorChunk]],
+    max_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[list[tensor_pb2.TensorChunk]]:
+    """Chunks in order, grouped into messages of at most `max_bytes` data each (a chunk alone may reach it);
+    a group per message of a `repeated TensorChunk chunks` field. Nested iterables (one per tensor) are flattened.
+    At least one group, possibly empty, so a header always has a message to travel on."""
+    group: list[tensor_pb2.TensorChunk] = []
+    size = 0
+    for chunk in _flat(chunks):
+        if group and size + len(chunk.data) > max_bytes:
+            yield group
+            group, size = [], 0
+        group.append(chunk)
+        size += len(chunk.data)
+    yield group
+
+
+def _flat(chunks) -> Iterator[tensor_pb2.TensorChunk]:
+    for item in chunks:
+        if isinstance(item, tensor_pb2.TensorChunk):
+            yield item
+        else:
+            yield from item
+
+
+def read_header_stream(requests: Iterator, message: str, **limits) -> tuple[object, dict[str, torch.Tensor]]:
+    """(header, {name: tensor}) from a stream of `message`s with `header` on the first message only and
+    `repeated TensorChunk chunks` on any; `limits` as TensorAssembler's."""
+    first = next(requests, None)
+    if first is None or not first.HasField("header"):
+        raise ValueError(f"the first {message} must carry the header")
+    assembler = TensorAssembler(**limits)
+    request = first
+    while request is not None:
+        if request is not first and request.HasField("header"):
+            raise ValueError(f"only the first {message} may carry the header")
+        for chunk in request.chunks:
+            assembler.add(chunk)
+        request = next(requests, None)
+    return first.header, assembler.finish()
 
 
 def _chunks(name: str, dtype: int, shape: tuple[int, ...], data: np.ndarray, chunk_bytes: int):

@@ -15,9 +15,10 @@ from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings, encode_prompt
 from sdxl_core.tokenizers import load_tokenizer
 
+from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import to_proto_chunks
+from .tensors import packed, to_proto_chunks
 
 SERVICE = "sdxl.v1.TextEncoder"
 MAX_BATCH = 64  # prompts x num_images_per_prompt: far above any UNet batch, bounds the work of one call
@@ -99,12 +100,16 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         self.encoders = encoders
 
     def EncodePrompt(self, request, context) -> Iterator[text_encoder_pb2.EncodePromptResponse]:
-        for target in check_request(request, self.encoders):
+        targets = check_request(request, self.encoders)
+        batch = len(request.prompt) * max(request.num_images_per_prompt, 1)
+        metrics.observe_batch("text_encoder", "EncodePrompt", batch)
+        tensors = {}
+        for target in targets:
             embeddings = self.encoders[target].encode(request)
-            for name, tensor in vars(embeddings).items():
-                if tensor is not None:
-                    for chunk in to_proto_chunks(f"{TARGET_NAMES[target]}/{name}", tensor):
-                        yield text_encoder_pb2.EncodePromptResponse(chunk=chunk)
+            tensors.update({f"{TARGET_NAMES[target]}/{name}": tensor for name, tensor in vars(embeddings).items()
+                            if tensor is not None})
+        for chunks in packed(to_proto_chunks(name, tensor) for name, tensor in tensors.items()):
+            yield text_encoder_pb2.EncodePromptResponse(chunks=chunks)
 
 
 def build(

@@ -24,9 +24,10 @@ from sdxl_core.masks import check_mask_matches, preprocess_mask
 from sdxl_core.stages import EncodedImage, decode_stage, encode_image_stage, encode_inpaint_stage
 from sdxl_core.watermark import watermark_available
 
+from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import FLOATS, TensorAssembler, expect, to_proto_chunks
+from .tensors import FLOATS, TensorAssembler, expect, packed, read_header_stream, to_proto_chunks
 
 SERVICE = "sdxl.v1.Vae"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -136,16 +137,9 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
 
     def Decode(self, request_iterator, context):
         """Latents in; PNG images or the uint8 tensor "images" out, watermarked unless turned off."""
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("payload") != "header":
-            raise ValueError("the first DecodeRequest must carry the header")
-        assembler = TensorAssembler(names={"latents"})
-        for request in request_iterator:
-            if request.WhichOneof("payload") != "chunk":
-                raise ValueError("after the header, every DecodeRequest must carry a tensor chunk")
-            assembler.add(request.chunk)
-        header = first.header
-        latents = expect(assembler.finish(), "latents", ("B", 4, None, None), FLOATS)
+        header, tensors = read_header_stream(request_iterator, "DecodeRequest", names={"latents"})
+        latents = expect(tensors, "latents", ("B", 4, None, None), FLOATS)
+        metrics.observe_batch("vae", "Decode", latents.shape[0])
         h, w = latents.shape[-2:]
         if not 1 <= latents.shape[0] <= MAX_IMAGES or h * w * VAE_SCALE_FACTOR**2 > MAX_IMAGE_PIXELS:
             raise ValueError(f"tensor 'latents' of shape {tuple(latents.shape)} is over the limits of {MAX_IMAGES} "
@@ -175,14 +169,10 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         draws = vae_pb2.EncodeDraws(image_samples=encoded.draws.image_samples,
                                     masked_image_samples=encoded.draws.masked_image_samples,
                                     dtype=_wire(encoded.draws.dtype))
-        for name in ("image_latents", "mask", "masked_image_latents"):
-            tensor = getattr(encoded, name)
-            for chunk in () if tensor is None else to_proto_chunks(name, tensor):
-                response = vae_pb2.EncodeResponse(chunk=chunk)
-                if draws is not None:  # on the first message only
-                    response.draws.CopyFrom(draws)
-                    draws = None
-                yield response
+        tensors = {name: getattr(encoded, name) for name in ("image_latents", "mask", "masked_image_latents")}
+        for chunks in packed(to_proto_chunks(name, t) for name, t in tensors.items() if t is not None):
+            yield vae_pb2.EncodeResponse(chunks=chunks, draws=draws)
+            draws = None  # on the first message only
 
     def encode(self, inputs: EncodeInputs) -> EncodedImage:
         """Check the inputs, then encode_image_stage (no mask) or encode_inpaint_stage on a generator seeded S."""

@@ -70,7 +70,8 @@ def embeddings(pipe, guided=True, prompt=PROMPT) -> dict[str, torch.Tensor]:
 def denoise(server, header: denoiser_pb2.DenoiseHeader, tensors: dict, timeout=120):
     """One Denoise call: (final latents, progress events)."""
     messages = [denoiser_pb2.DenoiseRequest(header=header)]
-    messages += [denoiser_pb2.DenoiseRequest(chunk=c) for name, t in tensors.items() for c in to_proto_chunks(name, t)]
+    messages += [denoiser_pb2.DenoiseRequest(chunks=[c]) for name, t in tensors.items()
+                 for c in to_proto_chunks(name, t)]
     stub = denoiser_pb2_grpc.DenoiserStub(_channel(server))
     progress, assembler = [], TensorAssembler()
     for response in stub.Denoise(iter(messages), timeout=timeout):
@@ -85,7 +86,7 @@ def decode(server, latents: torch.Tensor) -> np.ndarray:
     """Vae.Decode without watermark, as RAW uint8 (B, H, W, 3)."""
     header = vae_pb2.DecodeHeader(watermark=False, output_format=vae_pb2.OUTPUT_FORMAT_RAW)
     messages = [vae_pb2.DecodeRequest(header=header)]
-    messages += [vae_pb2.DecodeRequest(chunk=c) for c in to_proto_chunks("latents", latents)]
+    messages += [vae_pb2.DecodeRequest(chunks=[c]) for c in to_proto_chunks("latents", latents)]
     stub = vae_pb2_grpc.VaeStub(_channel(server))
     return _assemble(r.chunk for r in stub.Decode(iter(messages), timeout=60))["images"].numpy()
 
@@ -112,7 +113,7 @@ def encode(server, header: vae_pb2.EncodeHeader, image: PIL.Image.Image, mask: P
         messages.append(vae_pb2.EncodeRequest(mask_image=tensor_pb2.ImageChunk(
             index=0, total_bytes=len(png(mask)), offset=0, data=png(mask))))
     responses = list(vae_pb2_grpc.VaeStub(_channel(server)).Encode(iter(messages), timeout=60))
-    return _assemble(r.chunk for r in responses), responses[0].draws
+    return _assemble(c for r in responses for c in r.chunks), responses[0].draws
 
 
 def pixels(images) -> np.ndarray:
@@ -254,7 +255,7 @@ def test_a_cancelled_call_stops_at_its_next_step_and_frees_the_slot(servers, pip
     before = base_servicer.steps_run
     header = denoiser_pb2.DenoiseHeader(**(_valid() | {"num_inference_steps": 1000}))
     messages = [denoiser_pb2.DenoiseRequest(header=header)]
-    messages += [denoiser_pb2.DenoiseRequest(chunk=c) for name, t in embeddings(pipes["base"]).items()
+    messages += [denoiser_pb2.DenoiseRequest(chunks=[c]) for name, t in embeddings(pipes["base"]).items()
                  for c in to_proto_chunks(name, t)]
     call = denoiser_pb2_grpc.DenoiserStub(_channel(servers["base"])).Denoise(iter(messages), timeout=120)
     first = next(call)
@@ -289,3 +290,23 @@ def test_scheduler_options_of_a_wrong_value_are_invalid_argument(servers, pipes)
         denoise(servers["base"], header, embeddings(pipes["base"]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "timestep_spacing" in error.value.details()
+
+
+# --- metrics
+
+
+def test_each_step_and_the_batch_size_are_recorded_for_the_stage(servers, pipes):
+    import prometheus_client
+
+    def sample(name: str, **labels) -> float:
+        return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    steps, batch = sample("sdxl_step_duration_seconds_count", stage="base"), sample(
+        "sdxl_batch_size_sum", stage="base", method="Denoise")
+    prompt = ["a cat", "a dog", "a cow"]
+    tensors = embeddings(pipes["base"], prompt=prompt)
+    _, progress = denoise(servers["base"], denoiser_pb2.DenoiseHeader(**(_valid() | {"num_inference_steps": 3})),
+                          tensors)
+    assert len(progress) == 3
+    assert sample("sdxl_step_duration_seconds_count", stage="base") == steps + 3
+    assert sample("sdxl_batch_size_sum", stage="base", method="Denoise") == batch + len(prompt)

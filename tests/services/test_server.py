@@ -476,3 +476,123 @@ def test_sigterm_drains_in_flight_work_and_exits_zero():
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- metrics, TLS
+
+
+def _sample(name: str, **labels) -> float | None:
+    import prometheus_client
+
+    return prometheus_client.REGISTRY.get_sample_value(name, labels)
+
+
+def test_queue_depth_and_in_flight_gauges_follow_admission(start, probe):
+    _, client = start(max_concurrency=1, max_queue=2)
+    assert (_sample("sdxl_queue_depth", stage=STAGE), _sample("sdxl_inflight_requests", stage=STAGE)) == (0, 0)
+    running = client.unary("Slow").future(b"", timeout=WAIT_S)
+    assert probe.started.wait(WAIT_S)
+    queued = [client.unary("Echo").future(b"q", timeout=WAIT_S) for _ in range(2)]
+    assert _until(lambda: _sample("sdxl_queue_depth", stage=STAGE) == 2)
+    assert _sample("sdxl_inflight_requests", stage=STAGE) == 1
+    probe.release.set()
+    assert running.result() == b"done" and [q.result() for q in queued] == [b"q", b"q"]
+    assert _until(lambda: _sample("sdxl_queue_depth", stage=STAGE) == 0)
+    assert _sample("sdxl_inflight_requests", stage=STAGE) == 0
+
+
+def test_the_metrics_port_serves_the_stage_metrics(start):
+    import urllib.request
+
+    from sdxl_client.launch import free_port
+
+    port = free_port()
+    _, client = start(metrics_port=port)
+    client.unary("Echo")(b"x", timeout=WAIT_S)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S).read().decode()
+    assert f'sdxl_requests_total{{code="OK",method="/{SERVICE}/Echo",stage="{STAGE}"}}' in text
+    assert f'sdxl_queue_depth{{stage="{STAGE}"}} 0.0' in text
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Path:
+    """A CA, a server certificate for localhost / 127.0.0.1 and a client certificate, all signed by the CA; and a
+    second CA that signed nothing here."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                "-keyout", f"{ca}.key", "-out", f"{ca}.crt")
+    (d / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, cn in (("server", "localhost"), ("client", "sdxl-orchestrator")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={cn}", "-keyout", f"{name}.key",
+                "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-days", "2", "-extfile", "san.ext", "-out", f"{name}.crt")
+    return d
+
+
+def _tls_status(port: int, tls=None) -> int:
+    from sdxl_services.channels import stage_channel
+
+    with stage_channel(f"127.0.0.1:{port}", 1 << 20, tls) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=WAIT_S).status
+
+
+def test_a_tls_server_answers_stage_channels_that_trust_its_ca_and_refuses_the_rest(start, pki):
+    from sdxl_services.tls import ChannelTls, ServerTls
+
+    server, _ = start(tls=ServerTls(str(pki / "server.crt"), str(pki / "server.key")))
+    assert _tls_status(server.port, ChannelTls(str(pki / "ca.crt"))) == SERVING
+    for tls in (None, ChannelTls(str(pki / "other-ca.crt"))):  # plaintext; a CA that did not sign it
+        with pytest.raises(grpc.RpcError) as error:
+            _tls_status(server.port, tls)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_with_a_client_ca_only_clients_with_a_certificate_it_signed_get_in(start, pki):
+    from sdxl_services.tls import ChannelTls, ServerTls
+
+    server, _ = start(tls=ServerTls(str(pki / "server.crt"), str(pki / "server.key"), str(pki / "ca.crt")))
+    with pytest.raises(grpc.RpcError):
+        _tls_status(server.port, ChannelTls(str(pki / "ca.crt")))  # no client certificate
+    mtls = ChannelTls(str(pki / "ca.crt"), str(pki / "client.crt"), str(pki / "client.key"))
+    assert _tls_status(server.port, mtls) == SERVING
+
+
+def test_the_health_port_serves_plaintext_health_only_and_follows_the_server(start, pki):
+    from sdxl_services.tls import ServerTls
+
+    server, _ = start(serving=False, tls=ServerTls(str(pki / "server.crt"), str(pki / "server.key")), health_port=0)
+    probe = Client(server.health_port)  # what the kubelet's gRPC probe does: plaintext Check
+    assert probe.status() == NOT_SERVING
+    server.set_serving()
+    assert probe.status() == SERVING
+    code, _ = _code(lambda: probe.unary("Echo")(b"x", timeout=WAIT_S))
+    assert code == grpc.StatusCode.UNIMPLEMENTED  # the stage's own services are not on it
+    server.stop(0)
+    with pytest.raises(grpc.RpcError):
+        probe.status()
+    probe.channel.close()
+
+
+def test_unreadable_tls_files_are_named(pki):
+    from sdxl_services.tls import ServerTls
+
+    with pytest.raises(ValueError, match="missing.crt"):
+        ServerTls(str(pki / "missing.crt"), str(pki / "server.key")).credentials()
+    with pytest.raises(ValueError, match="not a PEM file"):
+        ServerTls(str(pki / "san.ext"), str(pki / "server.key")).credentials()
+
+
+def test_on_stop_runs_once_the_server_has_stopped():
+    stopped = []
+    server = Server(STAGE, [], [SERVICE], "127.0.0.1:0", on_stop=lambda: stopped.append(server.port))
+    server.start()
+    assert stopped == []
+    server.stop(0)
+    assert stopped == [server.port]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from sdxl.v1 import tensor_pb2, vae_pb2
+from sdxl.v1 import denoiser_pb2, tensor_pb2, vae_pb2
 from sdxl_services.tensors import (
     DEFAULT_CHUNK_BYTES,
     FLOATS,
@@ -12,6 +12,8 @@ from sdxl_services.tensors import (
     assemble,
     expect,
     from_proto,
+    packed,
+    read_header_stream,
     to_proto,
     to_proto_chunks,
 )
@@ -118,6 +120,47 @@ def test_a_batch_of_1024_images_and_latents_interleaved_arrive_intact_in_message
     assert set(got) == {"images", "latents"}
     assert torch.equal(got["images"], images)
     assert torch.equal(got["latents"], latents)
+
+
+def test_packed_groups_small_tensors_into_few_messages_under_the_chunk_size_in_order():
+    tensors = {f"t{i}": sample(torch.float32, (77, 2048 // (i + 1))) for i in range(8)}  # 630 KB down to 79 KB
+    groups = list(packed((to_proto_chunks(n, t) for n, t in tensors.items()), max_bytes=DEFAULT_CHUNK_BYTES))
+    flat = [c for g in groups for c in g]
+    assert [(c.name, c.offset) for c in flat] == [(c.name, c.offset) for n, t in tensors.items()
+                                                    for c in to_proto_chunks(n, t)]
+    assert all(sum(len(c.data) for c in g) <= DEFAULT_CHUNK_BYTES for g in groups)
+    # greedy: no group could have taken the next group's first chunk
+    assert all(sum(len(c.data) for c in g) + len(after[0].data) > DEFAULT_CHUNK_BYTES
+               for g, after in zip(groups, groups[1:]))
+    assert len(groups) < len(tensors)
+    got = assemble(flat)
+    assert all(got[n].view(torch.int32).equal(t.view(torch.int32)) for n, t in tensors.items())  # bits: NaN too
+
+
+def test_packed_gives_one_empty_group_for_no_chunks_so_a_header_still_travels():
+    assert list(packed([])) == [[]]
+
+
+def test_a_header_stream_takes_chunks_on_the_header_message_and_later_ones():
+    a, b = sample(torch.float16, (2, 3)), sample(torch.int64, (5,))
+    chunks = [*to_proto_chunks("a", a, chunk_bytes=4), *to_proto_chunks("b", b, chunk_bytes=16)]
+    header = denoiser_pb2.DenoiseHeader(num_inference_steps=3)
+    messages = [denoiser_pb2.DenoiseRequest(header=header, chunks=chunks[:2]),
+                denoiser_pb2.DenoiseRequest(chunks=chunks[2:5]), denoiser_pb2.DenoiseRequest(chunks=chunks[5:])]
+    got_header, got = read_header_stream(iter(messages), "DenoiseRequest", names={"a", "b"})
+    assert got_header == header
+    assert got["a"].view(torch.int16).equal(a.view(torch.int16)) and got["b"].equal(b)
+
+
+@pytest.mark.parametrize("messages, error", [
+    ([], "the first DenoiseRequest must carry the header"),
+    ([denoiser_pb2.DenoiseRequest(chunks=[tensor_pb2.TensorChunk(name="a")])], "must carry the header"),
+    ([denoiser_pb2.DenoiseRequest(header=denoiser_pb2.DenoiseHeader()),
+      denoiser_pb2.DenoiseRequest(header=denoiser_pb2.DenoiseHeader())], "only the first DenoiseRequest"),
+])
+def test_a_header_stream_needs_the_header_first_and_only_there(messages, error):
+    with pytest.raises(ValueError, match=error):
+        read_header_stream(iter(messages), "DenoiseRequest")
 
 
 def test_only_the_first_chunk_carries_dtype_and_shape():

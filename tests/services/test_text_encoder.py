@@ -1,5 +1,6 @@
 """The text-encoder stage: embeddings bit-equal to the pipelines', bad requests refused with the right code."""
 
+import math
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from sdxl.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLPipeline
 from sdxl_services import text_encoder
-from sdxl_services.tensors import assemble
+from sdxl_services.tensors import DEFAULT_CHUNK_BYTES, assemble
 
 BASE, REFINER = text_encoder_pb2.TARGET_BASE, text_encoder_pb2.TARGET_REFINER
 
@@ -38,7 +39,7 @@ def _stub(server):
 
 def _encode(server, **fields) -> dict[str, torch.Tensor]:
     request = text_encoder_pb2.EncodePromptRequest(**fields)
-    return assemble(response.chunk for response in _stub(server).EncodePrompt(request, timeout=30))
+    return assemble(c for response in _stub(server).EncodePrompt(request, timeout=30) for c in response.chunks)
 
 
 def _expected(pipeline, prefix, prompt, prompt_2=None, negative_prompt=None, negative_prompt_2=None, n=1, guided=True):
@@ -67,6 +68,14 @@ def test_base_and_refiner_embeddings_are_bit_equal_to_the_pipelines(servers, pip
     if negative is None:  # the base forces zeros, the refiner encodes ""
         assert not got["base/negative_prompt_embeds"].any()
         assert got["refiner/negative_prompt_embeds"].any()
+
+
+def test_the_embeddings_of_both_targets_travel_packed_in_as_few_messages_as_the_chunk_size_allows(servers):
+    request = text_encoder_pb2.EncodePromptRequest(prompt=["a cat"], targets=[BASE, REFINER], guided=True)
+    responses = list(_stub(servers[0]).EncodePrompt(request, timeout=30))
+    sizes = [sum(len(c.data) for c in r.chunks) for r in responses]
+    assert sum(len(r.chunks) for r in responses) == 8  # 4 tensors per target
+    assert len(responses) == math.ceil(sum(sizes) / DEFAULT_CHUNK_BYTES) and max(sizes) <= DEFAULT_CHUNK_BYTES
 
 
 def test_negative_prompt_2_and_unguided_requests_match(servers, pipelines):

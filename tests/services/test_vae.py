@@ -34,7 +34,7 @@ def _stub(server):
 
 def decode(server, latents, **header):
     messages = [vae_pb2.DecodeRequest(header=vae_pb2.DecodeHeader(**header))]
-    messages += [vae_pb2.DecodeRequest(chunk=c) for c in to_proto_chunks("latents", latents)]
+    messages += [vae_pb2.DecodeRequest(chunks=[c]) for c in to_proto_chunks("latents", latents)]
     return list(_stub(server).Decode(iter(messages), timeout=60))
 
 
@@ -91,10 +91,10 @@ def test_png_output_holds_the_raw_pixels(server):
 def test_encode_without_a_mask_returns_the_sampled_latents_and_their_draws(server):
     image = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 48, 3), dtype=np.uint8))
     responses = encode(server, [png(image)], seed=5)
-    tensors = assemble(r.chunk for r in responses)
+    tensors = assemble(c for r in responses for c in r.chunks)
     assert list(tensors) == ["image_latents"] and tensors["image_latents"].shape == (1, 4, 8, 6)
     assert responses[0].draws == vae_pb2.EncodeDraws(image_samples=1, dtype=tensor_pb2.DTYPE_FLOAT32)
-    again = assemble(r.chunk for r in encode(server, [png(image)], seed=5))
+    again = assemble(c for r in encode(server, [png(image)], seed=5) for c in r.chunks)
     assert torch.equal(again["image_latents"], tensors["image_latents"])
 
 
@@ -121,7 +121,8 @@ def test_bad_encode_requests_are_invalid_argument_naming_the_field_and_the_next_
         encode(server, **request_)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in error.value.details()
-    assert assemble(r.chunk for r in encode(server, [IMAGE], [MASK], batch_size=1, seed=1))["mask"].shape == (
+    responses = encode(server, [IMAGE], [MASK], batch_size=1, seed=1)
+    assert assemble(c for r in responses for c in r.chunks)["mask"].shape == (
         1, 1, 8, 8)
 
 
