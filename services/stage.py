@@ -89,7 +89,8 @@ def check_models(args: argparse.Namespace) -> None:
         path = getattr(args, flag)
         if path and not Path(path).exists() and not HUB_ID.match(path):
             raise SystemExit(f"{args.stage}: --{flag.replace('_', '-')} {path} does not exist. Fill the model volume "
-                             f"first (deploy/README.md, 'Weights') or fix the path; a hub id looks like org/name.")
+                             f"first (deploy/README.md, 'Weights: the fetch Job') or fix the path; a hub id looks "
+                             f"like org/name.")
 
 
 def build(args: argparse.Namespace) -> Server:
