@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # replaced (pyproject asks for a range). Override: make TORCH_SPEC='torch==2.5.1' test
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install protos test bench tiny run clean
+.PHONY: install protos test deploy-check bench tiny run clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,8 +25,14 @@ protos: $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -I protos --python_out=protos --grpc_python_out=protos --pyi_out=protos \
 		protos/sdxl/v1/*.proto
 
+# The whole suite; it includes the deploy checks (tests/deploy is under testpaths), so they run once.
 test: install
 	$(PY) -m pytest -q
+
+# The deploy checks alone: manifests rendered with `kubectl kustomize` and checked against the code and
+# offline Kubernetes schemas, hadolint on the Dockerfile, its install step, the weights Job's fetch.
+deploy-check: install
+	$(PY) -m pytest -q tests/deploy tests/core/test_fetch.py
 
 bench: install
 	$(PY) -m bench.core_vs_diffusers && $(PY) -m bench.transport

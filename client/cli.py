@@ -33,10 +33,19 @@ def _serve_all_parser(sub) -> None:
                    help="the base model is a 9-channel inpainting model (the orchestrator must know to reproduce seeds)")
     p.add_argument("--host", default="[::]", help="the orchestrator's listening host (default: all interfaces)")
     p.add_argument("--port", type=int, default=50051, help="the orchestrator's port; 0 picks a free one")
-    p.add_argument("--device", help="every stage's device, unless its own is given")
+    p.add_argument("--device", help="every stage's device, unless placed otherwise; default: spread over the "
+                                    "visible GPUs (deploy/README.md), cpu without one")
+    p.add_argument("--placement", metavar="STAGE=DEV[+DEV...],...",
+                   help="devices per stage, one process per device, e.g. "
+                        "'base=cuda:0+cuda:1+cuda:2,refiner=cuda:3,text_encoder=cuda:3,vae=cuda:3'")
     for stage in launch.STAGES:
-        p.add_argument(f"--{stage.replace('_', '-')}-device", help=f"the {stage} stage's device, e.g. cuda:0")
-    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="the stages' dtype")
+        p.add_argument(f"--{stage.replace('_', '-')}-device", metavar="DEV[+DEV...]",
+                       help=f"the {stage} stage's device(s), e.g. cuda:0 (overrides --placement)")
+    dtypes = ("float32", "float16", "bfloat16")
+    p.add_argument("--dtype", choices=dtypes, help="every stage's dtype, unless its own is given; default: "
+                                                   "float32 on cpu, float16 on a GPU (the VAE float32)")
+    for stage in launch.STAGES:
+        p.add_argument(f"--{stage.replace('_', '-')}-dtype", choices=dtypes, help=f"the {stage} stage's dtype")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every stage to be SERVING")
 
 
@@ -95,9 +104,9 @@ def _serve_options(args: argparse.Namespace) -> launch.ServeOptions:
     return launch.ServeOptions(
         base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
         base_inpainting=args.base_inpainting,
-        host=args.host, port=args.port, device=args.device, text_encoder_device=args.text_encoder_device,
-        base_device=args.base_device, refiner_device=args.refiner_device, vae_device=args.vae_device,
-        dtype=args.dtype, start_timeout_s=args.start_timeout,
+        host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
+        start_timeout_s=args.start_timeout,
+        **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in launch.STAGES for kind in ("device", "dtype")},
     )
 
 

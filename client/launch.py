@@ -1,4 +1,5 @@
-"""Start the five stage processes of `sdxl serve --all` on one host, watch them, and stop them."""
+"""Start the processes of `sdxl serve --all` on one host (one per stage and device, then the orchestrator),
+watch them, and stop them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ from typing import TextIO
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-STAGES = ("text_encoder", "base", "refiner", "vae")  # started before the orchestrator, which is told their addresses
+from .placement import (
+    STAGES,
+    check_device,
+    check_visible,
+    default_dtype,
+    default_placement,
+    parse_devices,
+    parse_placement,
+    visible_gpus,
+)
+
 _LISTENING = re.compile(r"listening on")
 _TAIL_LINES = 40
 
@@ -31,8 +42,23 @@ class Aborted(RuntimeError):
 
 
 @dataclass(frozen=True)
+class StageProcess:
+    """One stage process: several of one stage are replicas the orchestrator spreads calls over."""
+
+    name: str  # the stage, or "base-0", "base-1", ... for replicas
+    stage: str
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
 class ServeOptions:
-    """`sdxl serve --all`'s options. No model path: the services' default (the tiny model)."""
+    """`sdxl serve --all`'s options. No model path: the services' default (the tiny model).
+
+    A stage's devices: its own `{stage}_device`, else its `placement` entry, else `device`, else the default
+    placement over the visible GPUs (placement.default_placement). Several devices ("cuda:0+cuda:1") start a
+    replica on each. Its dtype: `{stage}_dtype`, else `dtype`, else placement.default_dtype.
+    """
 
     base_model: str | None = None
     refiner_model: str | None = None
@@ -40,12 +66,17 @@ class ServeOptions:
     base_inpainting: bool = False  # a 9-channel inpainting base: Vae.Encode then draws its masked-image samples
     host: str = "[::]"
     port: int = 50051  # the orchestrator's; 0 picks a free one
-    device: str | None = None  # every stage's, unless its own is given
+    device: str | None = None  # every stage's, unless placed otherwise
+    placement: str | None = None  # "base=cuda:0+cuda:1,refiner=cuda:2,text_encoder=cuda:2,vae=cuda:2"
     text_encoder_device: str | None = None
     base_device: str | None = None
     refiner_device: str | None = None
     vae_device: str | None = None
-    dtype: str | None = None
+    dtype: str | None = None  # every stage's, unless its own is given
+    text_encoder_dtype: str | None = None
+    base_dtype: str | None = None
+    refiner_dtype: str | None = None
+    vae_dtype: str | None = None
     start_timeout_s: float = 600.0  # loading full-size weights from a cold disk takes minutes
     grace_s: float = 30.0  # the stages drain for up to 25 s on SIGTERM
 
@@ -53,24 +84,60 @@ class ServeOptions:
         if self.base_model and not self.refiner_model and not self.no_refiner:
             raise ValueError("--base-model needs --refiner-model too (or --no-refiner): the tiny refiner "
                              "would not match a real base model")
+        if self.device:
+            check_device(self.device, "--device")
+        parse_placement(self.placement or "")
+        for stage in STAGES:
+            if own := getattr(self, f"{stage}_device"):
+                parse_devices(own, f"--{_flag(stage)}-device")
 
-    def stage_args(self, stage: str) -> list[str]:
+    def devices(self, stage: str, gpus: int) -> tuple[str, ...]:
+        """The devices of `stage`'s processes on a host with `gpus` visible GPUs."""
+        if own := getattr(self, f"{stage}_device"):
+            return parse_devices(own, f"--{_flag(stage)}-device")
+        if placed := parse_placement(self.placement or "").get(stage):
+            return placed
+        if self.device:
+            return (self.device,)
+        return default_placement(gpus, refiner=not self.no_refiner)[stage]
+
+    def processes(self, gpus: int) -> list[StageProcess]:
+        """Every stage process, in start order; ValueError if base replicas would differ in dtype."""
+        processes = []
+        for stage in STAGES:
+            if stage == "refiner" and self.no_refiner:
+                continue
+            devices = self.devices(stage, gpus)
+            for i, device in enumerate(devices):
+                check_visible(device, gpus, f"{stage}'s device")
+                dtype = getattr(self, f"{stage}_dtype") or self.dtype or default_dtype(stage, device)
+                processes.append(StageProcess(stage if len(devices) == 1 else f"{stage}-{i}", stage, device, dtype))
+        base_dtypes = sorted({p.dtype for p in processes if p.stage == "base"})
+        if len(base_dtypes) > 1:  # the orchestrator's --base-dtype is one dtype
+            raise ValueError(f"the base replicas would run in {' and '.join(base_dtypes)} (cpu and GPU defaults); "
+                             "give them one dtype with --base-dtype")
+        return processes
+
+    def stage_args(self, process: StageProcess) -> list[str]:
         """The model, device and dtype arguments of one stage process."""
-        model = self.refiner_model if stage == "refiner" else self.base_model
+        model = self.refiner_model if process.stage == "refiner" else self.base_model
         args = ["--model", model] if model else []
-        if stage == "text_encoder" and self.refiner_model and not self.no_refiner:
+        if process.stage == "text_encoder" and self.refiner_model and not self.no_refiner:
             args += ["--refiner-model", self.refiner_model]  # the refiner's own text encoder
-        device = getattr(self, f"{stage}_device") or self.device
-        args += ["--device", device] if device else []
-        args += ["--dtype", self.dtype] if self.dtype else []
-        return args
+        return args + ["--device", process.device, "--dtype", process.dtype]
+
+    def orchestrator_args(self, processes: list[StageProcess], addresses: dict[str, str]) -> list[str]:
+        """Each stage's addresses (replicas as one list), and what Vae.Encode needs to replay the base's draws."""
+        args = []
+        for stage in STAGES:
+            if listed := [addresses[p.name] for p in processes if p.stage == stage]:
+                args += [f"--{_flag(stage)}", ",".join(listed)]
+        base_dtype = next(p.dtype for p in processes if p.stage == "base")  # Vae.Encode computes in it
+        return args + ["--base-dtype", base_dtype] + (["--base-inpainting"] if self.base_inpainting else [])
 
 
-    def orchestrator_args(self, addresses: dict[str, str]) -> list[str]:
-        """The stages' addresses, and what Vae.Encode needs to replay the base's random draws."""
-        args = [arg for stage, address in addresses.items() for arg in (f"--{stage.replace('_', '-')}", address)]
-        args += ["--base-dtype", self.dtype] if self.dtype else []
-        return args + (["--base-inpainting"] if self.base_inpainting else [])
+def _flag(stage: str) -> str:
+    return stage.replace("_", "-")
 
 
 def free_port() -> int:
@@ -117,11 +184,12 @@ class Child:
         return f"{self.name} {what} ({status}); its last output:\n{lines}"
 
 
-def spawn(name: str, args: list[str], address: str, echo: TextIO | None = None) -> Child:
-    """Start `python -m sdxl_services NAME ARGS` with stdout and stderr merged into one watched pipe."""
+def spawn(stage: str, args: list[str], address: str, echo: TextIO | None = None, name: str | None = None) -> Child:
+    """Start `python -m sdxl_services STAGE ARGS` with stdout and stderr merged into one watched pipe."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    name = name or stage
     process = subprocess.Popen(
-        [sys.executable, "-m", "sdxl_services", name, *args],
+        [sys.executable, "-m", "sdxl_services", stage, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, bufsize=1, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509 - calls only a looked-up function
     )
@@ -188,11 +256,15 @@ def stop(children: list[Child], grace_s: float = 30.0) -> dict[str, int]:
 
 
 class Cluster:
-    """The five processes of one host: `with Cluster(options) as cluster: cluster.address`."""
+    """The stage processes and the orchestrator of one host: `with Cluster(options) as cluster: cluster.address`.
 
-    def __init__(self, options: ServeOptions = ServeOptions(), echo: TextIO | None = None):
+    `gpus`: the visible GPUs the default placement spreads over; None asks torch.
+    """
+
+    def __init__(self, options: ServeOptions = ServeOptions(), echo: TextIO | None = None, gpus: int | None = None):
         self.options = options
         self.echo = echo
+        self.processes = options.processes(visible_gpus() if gpus is None else gpus)
         self.children: list[Child] = []
         self.port = options.port or free_port()
         host = "localhost" if options.host in ("[::]", "0.0.0.0", "") else options.host
@@ -200,26 +272,29 @@ class Cluster:
 
     def start(self, abort: threading.Event | None = None) -> None:
         """Start every process and wait until each is SERVING; on failure stop them all and raise LaunchError."""
-        stages = [s for s in STAGES if not (s == "refiner" and self.options.no_refiner)]
-        addresses = {s: f"127.0.0.1:{free_port()}" for s in stages}
+        addresses = {p.name: f"127.0.0.1:{free_port()}" for p in self.processes}
         try:
-            for stage in stages:
-                args = [*self.options.stage_args(stage), "--address", addresses[stage]]
-                self.children.append(spawn(stage, args, addresses[stage], self.echo))
+            for process in self.processes:
+                args = [*self.options.stage_args(process), "--address", addresses[process.name]]
+                self.children.append(spawn(process.stage, args, addresses[process.name], self.echo, process.name))
             deadline = time.monotonic() + self.options.start_timeout_s
             for child in self.children:
                 wait_ready(child, deadline, abort)
             # Last, so its first connections find the stages up instead of backing off from refusals.
             bind = f"{self.options.host}:{self.port}"
-            args = [*self.options.orchestrator_args(addresses), "--address", bind]
+            args = [*self.options.orchestrator_args(self.processes, addresses), "--address", bind]
             self.children.append(spawn("orchestrator", args, self.address, self.echo))
             wait_ready(self.children[-1], deadline, abort)
         except BaseException:
             self.stop()
             raise
 
+    def placed(self) -> dict[str, str]:
+        """"device dtype" of each stage process, by name."""
+        return {p.name: f"{p.device} {p.dtype}" for p in self.processes}
+
     def endpoints(self) -> dict[str, str]:
-        """Each process's address, by stage name."""
+        """Each process's address, by process name."""
         return {c.name: c.address for c in self.children}
 
     def failed(self) -> Child | None:
@@ -240,12 +315,18 @@ class Cluster:
 
 def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | None = sys.stderr) -> int:
     """Run `sdxl serve --all` until SIGINT / SIGTERM or a process dies; returns the exit status."""
+    try:
+        cluster = Cluster(options, echo)
+    except ValueError as e:  # a placement the orchestrator cannot serve
+        sys.stderr.write(f"sdxl serve --all: {e}\n")
+        return 2
     stopping = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stopping.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    cluster = Cluster(options, echo)
+    placed = cluster.placed()
     try:
         cluster.start(stopping)
-        out.writelines(f"{name:<13} {address}\n" for name, address in cluster.endpoints().items())
+        out.writelines(f"{name:<14} {address:<21} {placed.get(name, '')}".rstrip() + "\n"
+                       for name, address in cluster.endpoints().items())
         out.write(f"serving on {cluster.address}\n")
         out.flush()
         while not stopping.wait(0.5):

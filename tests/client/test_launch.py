@@ -11,10 +11,13 @@ from sdxl_client.output import output_paths
 def test_stage_args_route_models_and_devices():
     options = launch.ServeOptions(base_model="/m/base", refiner_model="/m/refiner", device="cuda:0",
                                   refiner_device="cuda:1", dtype="float16")
-    assert launch.ServeOptions().stage_args("base") == []
-    assert options.stage_args("base") == ["--model", "/m/base", "--device", "cuda:0", "--dtype", "float16"]
-    assert options.stage_args("refiner") == ["--model", "/m/refiner", "--device", "cuda:1", "--dtype", "float16"]
-    assert options.stage_args("text_encoder")[:4] == ["--model", "/m/base", "--refiner-model", "/m/refiner"]
+    processes = {p.name: p for p in options.processes(gpus=2)}
+    assert launch.ServeOptions().stage_args(launch.ServeOptions().processes(gpus=0)[1]) == \
+        ["--device", "cpu", "--dtype", "float32"]
+    assert options.stage_args(processes["base"]) == ["--model", "/m/base", "--device", "cuda:0", "--dtype", "float16"]
+    assert options.stage_args(processes["refiner"]) == \
+        ["--model", "/m/refiner", "--device", "cuda:1", "--dtype", "float16"]
+    assert options.stage_args(processes["text_encoder"])[:4] == ["--model", "/m/base", "--refiner-model", "/m/refiner"]
 
 
 def test_a_child_that_dies_at_start_fails_with_its_output_tail():
@@ -48,8 +51,10 @@ def test_a_real_base_model_needs_a_real_refiner_model():
 
 
 def test_orchestrator_gets_every_stage_and_the_base_facts_the_draw_replay_needs():
-    options = launch.ServeOptions(dtype="float16", base_inpainting=True)
-    args = options.orchestrator_args({"text_encoder": "127.0.0.1:1", "base": "127.0.0.1:2", "vae": "127.0.0.1:3"})
+    options = launch.ServeOptions(dtype="float16", base_inpainting=True, no_refiner=True)
+    processes = options.processes(gpus=0)
+    addresses = {"text_encoder": "127.0.0.1:1", "base": "127.0.0.1:2", "vae": "127.0.0.1:3"}
+    args = options.orchestrator_args(processes, addresses)
     assert args == ["--text-encoder", "127.0.0.1:1", "--base", "127.0.0.1:2", "--vae", "127.0.0.1:3",
                     "--base-dtype", "float16", "--base-inpainting"]
     from sdxl_services.stage import parse_args

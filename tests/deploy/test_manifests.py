@@ -1,77 +1,22 @@
 """The rendered Kubernetes manifests (deploy/k8s, kustomize) against the code: no drift.
 
-Renders the base and each overlay with `kubectl kustomize` (offline) and checks that every container's
-args parse with the stage's own argument parser, that ports, probes, grace periods, Services and the
-orchestrator's dns:/// targets agree with each other and with the services' defaults.
+Renders the base and each overlay, as shipped and with the TLS component, with `kubectl kustomize`
+(offline) and checks that every container's args parse with the stage's own argument parser, that
+ports, probes, grace periods, Services and the orchestrator's dns:/// targets agree with each other
+and with the services' defaults.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-from pathlib import Path
 from urllib.parse import urlparse
 
-import pytest
+from sdxl_services.stage import STAGES, server_options
 
-from sdxl_services.stage import STAGES, parse_args, server_options
+from .k8s import GPU_STAGES, STAGE_FLAGS, containers, mount_of, needs_kubectl, of_kind, port_of, stage_deployments
 
-yaml = pytest.importorskip("yaml")
-
-ROOT = Path(__file__).resolve().parents[2]
-K8S = ROOT / "deploy" / "k8s"
-TARGETS = ["base", "overlays/single-node", "overlays/cluster"]
-STAGE_FLAGS = {"text_encoder": "--text-encoder", "base": "--base", "refiner": "--refiner", "vae": "--vae"}
-GPU_STAGES = {"base", "refiner"}
 PRESTOP_MARGIN_S = 5  # the last responses' flush and process exit, beyond preStop + drain
 
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
-
-
-def render(target: str) -> list[dict]:
-    proc = subprocess.run(["kubectl", "kustomize", str(K8S / target)], capture_output=True, text=True, timeout=60)
-    if proc.returncode != 0:
-        pytest.fail(f"kubectl kustomize {target} failed:\n{proc.stderr}")
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
-@pytest.fixture(scope="module", params=TARGETS)
-def rendered(request) -> tuple[str, list[dict]]:
-    return request.param, render(request.param)
-
-
-@pytest.fixture(scope="module")
-def all_rendered() -> dict[str, list[dict]]:
-    return {t: render(t) for t in TARGETS}
-
-
-def of_kind(docs: list[dict], kind: str) -> dict[str, dict]:
-    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
-
-
-def containers(docs: list[dict]):
-    """(deployment, pod spec, container, parsed args) for every container of every Deployment."""
-    for dep in of_kind(docs, "Deployment").values():
-        spec = dep["spec"]["template"]["spec"]
-        for c in spec["containers"]:
-            assert not c.get("command"), f"{c['name']}: the image's ENTRYPOINT runs python -m sdxl_services"
-            try:
-                args = parse_args([str(a) for a in c["args"]])
-            except SystemExit:
-                pytest.fail(f"{dep['metadata']['name']}: args do not parse with sdxl_services.stage: {c['args']}")
-            yield dep, spec, c, args
-
-
-def port_of(address: str) -> int:
-    return int(address.rsplit(":", 1)[1])
-
-
-def stage_deployments(docs: list[dict]) -> dict[str, tuple[dict, dict, dict, object]]:
-    found = {}
-    for dep, spec, c, args in containers(docs):
-        assert args.stage not in found, f"two Deployments run {args.stage}"
-        found[args.stage] = (dep, spec, c, args)
-    return found
+pytestmark = needs_kubectl
 
 
 def test_every_stage_deployed_once(rendered):
@@ -89,9 +34,17 @@ def test_ports_and_probes_match_address(rendered):
         assert ports.get("grpc") == port, f"{name}: containerPort 'grpc' {ports.get('grpc')} != --address {port}"
         if args.metrics_port is not None:
             assert ports.get("metrics") == args.metrics_port, f"{name}: metrics containerPort != --metrics-port"
+        # With TLS on, kubelet's gRPC probes (plaintext) need the plaintext health-only port.
+        health = args.health_port
+        if args.tls_cert:
+            assert health and health != port, f"{name}: TLS on {port} needs --health-port for the probes"
+        if health:
+            assert ports.get("health") == health, f"{name}: containerPort 'health' != --health-port {health}"
+        probe_port = health or port
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in c, f"{name}: no {probe}"
-            assert c[probe].get("grpc", {}).get("port") == port, f"{name}: {probe} is not grpc on port {port}"
+            assert c[probe].get("grpc", {}).get("port") == probe_port, (
+                f"{name}: {probe} is not grpc on port {probe_port}")
 
 
 def test_startup_probe_allows_weight_loading(rendered):
@@ -185,13 +138,10 @@ def test_models_come_from_the_readonly_volume(rendered):
             continue
         name = dep["metadata"]["name"]
         assert args.model, f"{name}: no --model would load the tiny test model"
-        mounts = {m["mountPath"]: m for m in c.get("volumeMounts", [])}
-        volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for path in filter(None, (args.model, args.refiner_model)):
-            mount = next((m for p, m in mounts.items() if path.startswith(p.rstrip("/") + "/")), None)
-            assert mount, f"{name}: {path} is on no mounted volume"
+            mount, volume, _ = mount_of(path, c, spec)
             assert mount.get("readOnly"), f"{name}: the models volume is mounted read-write"
-            claim = volumes[mount["name"]]["persistentVolumeClaim"]["claimName"]
+            claim = volume["persistentVolumeClaim"]["claimName"]
             assert "ReadOnlyMany" in claims[claim]["spec"]["accessModes"]
 
 
@@ -202,34 +152,13 @@ def test_container_security(rendered):
         assert c.get("securityContext", {}).get("allowPrivilegeEscalation") is False, dep["metadata"]["name"]
 
 
-def replicas(docs: list[dict]) -> dict[str, int]:
-    return {args.stage: dep["spec"].get("replicas", 1) for dep, _, _, args in containers(docs)}
-
-
-def test_single_node_overlay(all_rendered):
-    docs = all_rendered["overlays/single-node"]
-    assert set(replicas(docs).values()) == {1}
+def test_single_node_overlay(renders):
+    docs = renders["overlays/single-node"]
+    assert {dep["spec"].get("replicas", 1) for dep, *_ in containers(docs)} == {1}
+    assert not of_kind(docs, "HorizontalPodAutoscaler"), "one node's GPUs are fixed: nothing to autoscale"
     hosts = set()
     for dep, spec, _, args in containers(docs):
         hosts.add(spec.get("nodeSelector", {}).get("kubernetes.io/hostname"))
         if args.stage in GPU_STAGES:  # no spare GPU for a surge pod during a rollout
             assert dep["spec"]["strategy"]["rollingUpdate"]["maxSurge"] == 0
     assert len(hosts) == 1 and None not in hosts, f"single-node pins every stage to one node, got {hosts}"
-
-
-def test_cluster_overlay_replicas(all_rendered):
-    counts = replicas(all_rendered["overlays/cluster"])
-    assert counts["refiner"] >= 1 and counts["base"] == 4 * counts["refiner"], counts
-
-
-def test_dockerfile_matches_the_cli():
-    dockerfile = (ROOT / "deploy" / "docker" / "Dockerfile").read_text()
-    assert 'ENTRYPOINT ["python", "-m", "sdxl_services"]' in dockerfile
-    assert "USER 10001" in dockerfile
-    for line in dockerfile.splitlines():
-        if line.startswith("COPY ") and "--from=" not in line:
-            for src in line.split()[1:-1]:
-                assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"
-    ignored = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("pyproject.toml", "setup.py", "protos", "sdxl_core", "services", "client"):
-        assert needed not in ignored, f".dockerignore drops {needed}, which the image build needs"
