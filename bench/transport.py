@@ -13,6 +13,9 @@ SDXLClient.generate (which decodes the PNG) and the raw Orchestrator stub (the s
 The replay servers share this process (and its GIL) with the client; --replay-processes measures it again
 with each replay stage and the orchestrator in a spawned process of its own, as deployed.
 
+Below both, the grpcio floor (bench/grpc_floor.py): the same calls with the same message counts and bytes,
+between handlers that move raw bytes, so what gRPC alone costs for this traffic on this machine.
+
 The full comparison (shown too: it checks the images are equal, but the model's compute makes its
 difference too noisy for the target):
 Every server is started in this process on loopback (port 0) over the tiny model:
@@ -37,6 +40,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
+from bench import grpc_floor
 from sdxl_core.configs import (
     SDXL_BASE_UNET,
     SDXL_REFINER_UNET,
@@ -515,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'SDXLClient.generate (incl. PNG decode)' + suffix:<66} {c_best:>10.1f} {c_med:>10.1f}")
         print(f"{'raw Orchestrator.Generate stub (no decode)' + suffix:<66} {r_best:>10.1f} {r_med:>10.1f}")
         medians += [("SDXLClient.generate" + suffix, c_med), ("raw stub, PNG decode excluded" + suffix, r_med)]
+    pattern = {stage: {way: (traffic.messages[stage, way], traffic.bytes[stage, way]) for way in ("sent", "received")}
+               for stage in ("client", *STAGES)}
+    f_best, f_med = grpc_floor.measure(pattern, args.replay_repeats)
+    label = "grpcio floor: the same calls, messages and bytes, raw-bytes handlers"
+    print(f"{label:<66} {f_best:>10.1f} {f_med:>10.1f}")
     print(f"client PNG decode alone: {min(decode_s) * 1e3:.1f} ms")
     for label, median in medians:
         print(f"target < {TARGET_MS:.0f} ms per request on loopback, {label} (median): "

@@ -3,7 +3,6 @@ deploy/README.md are the script's output."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -172,7 +171,7 @@ def test_the_readme_sizing_table_has_the_scripts_rows_and_columns():
 
 def test_the_readme_sizes_are_the_scripts():
     """Every row's parameters and weights, and the VAE rows whole (their traces take seconds; the UNets' and
-    text encoders' peaks take minutes: SDXL_SIZING_FULL=1 runs test_the_readme_tables_are_the_scripts_output)."""
+    text encoders' peaks take minutes: test_the_readme_tables_are_the_scripts_output)."""
     readme = {row[0]: row[1:] for row in table_rows(readme_section("Sizing"))}
     for stage in sizing.STAGES:
         traced = stage.name.startswith("VAE")
@@ -196,9 +195,7 @@ def test_the_readme_gpu_table_sums_the_readme_peaks_of_the_default_placement():
         assert all(abs(float(a) - float(b)) <= 0.02 for a, b in zip(w[3:], e[3:])), (w, e)
 
 
-@pytest.mark.skipif(not os.environ.get("SDXL_SIZING_FULL"), reason="about 2 minutes on 2 CPU cores; "
-                    "SDXL_SIZING_FULL=1 runs it")
-def test_the_readme_tables_are_the_scripts_output():
+def test_the_readme_tables_are_the_scripts_output():  # about 2 minutes on 2 CPU cores: every stage traced
     rows = [sizing.size_stage(stage, sizing.Models()) for stage in sizing.STAGES]
     text = README.read_text()
     assert sizing.table(rows) in text
