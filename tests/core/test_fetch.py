@@ -7,7 +7,6 @@ import subprocess
 import sys
 import tempfile
 
-import huggingface_hub
 import pytest
 
 from sdxl_core.loading.fetch import fetch, main
@@ -23,19 +22,6 @@ def same_tree(a, b) -> bool:
 
 def leftovers(parent):
     return sorted(p.name for p in parent.iterdir()) if parent.exists() else []
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tiny_model_dir):
-    calls = []
-
-    def snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(tiny_model_dir / "base")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    return calls
 
 
 def test_a_local_folder_is_copied_whole_by_the_command(tiny_model_dir, tmp_path):

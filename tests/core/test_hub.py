@@ -1,23 +1,9 @@
 """Hub ids resolve through huggingface_hub's snapshot_download; local paths never touch it."""
 
-import huggingface_hub
-import pytest
 
 from sdxl_core import SDXLPipeline
 from sdxl_core.loading import load_components
 from sdxl_core.loading.hub import model_folder
-
-
-@pytest.fixture
-def fake_hub(monkeypatch, tiny_model_dir):
-    calls = []
-
-    def snapshot_download(repo_id, **kwargs):
-        calls.append((repo_id, kwargs))
-        return str(tiny_model_dir / "base")
-
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    return calls
 
 
 def test_a_hub_id_loads_from_its_snapshot(fake_hub, tiny_model_dir):
