@@ -191,14 +191,14 @@ class Replay:
         self.tensors = assembler.finish()
 
     def __iter__(self) -> Iterator:
-        from sdxl_services.tensors import packed, to_proto_chunks
+        from sdxl_services.tensors import packed_chunks, to_proto_chunks
 
         for kind, value in self.events:
             if kind == "message":
                 yield value
             elif kind == "packed":
                 first, names = value
-                for i, chunks in enumerate(packed(to_proto_chunks(name, self.tensors[name]) for name in names)):
+                for i, chunks in enumerate(packed_chunks({name: self.tensors[name] for name in names})):
                     message = type(first)()
                     if i == 0:
                         message.CopyFrom(first)

@@ -84,7 +84,8 @@ def default_placement(gpus: int, refiner: bool = True) -> Placement:
         return {stage: devices for stage in STAGES}
     if not refiner:
         return {"text_encoder": devices[-1:], "base": devices, "refiner": (), "vae": devices[-1:]}
-    base, rest = devices[:-refiner_gpus(gpus)], devices[-refiner_gpus(gpus):]
+    split = gpus - refiner_gpus(gpus)
+    base, rest = devices[:split], devices[split:]
     return {"text_encoder": rest[:1], "base": base, "refiner": rest, "vae": rest[-1:]}
 
 

@@ -94,6 +94,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS):
         self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
+        self.stage = model_type(unet.config)  # base, refiner or inpainting: the server's and the metrics' name
         self.steps_run = 0  # steps completed over all requests
         self._lock = threading.Lock()
 
@@ -105,14 +106,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         """Header and tensors in; progress per step, then the latents, out. The UNet runs on a worker thread
         that stops at its next step once the call is cancelled or past its deadline."""
         job = self.prepare(*read_stream(request_iterator))
-        stage = model_type(self.unet.config)
-        metrics.observe_batch(stage, "Denoise", job.conditioning.prompt_embeds.shape[0])
+        metrics.observe_batch(self.stage, "Denoise", job.conditioning.prompt_embeds.shape[0])
         ended, stop, events = calls.watch(context), threading.Event(), queue.Queue()
         last_step = [time.perf_counter()]
 
         def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
             now = time.perf_counter()
-            metrics.observe_step(stage, now - last_step[0])
+            metrics.observe_step(self.stage, now - last_step[0])
             last_step[0] = now
             with self._lock:
                 self.steps_run += 1
@@ -295,7 +295,7 @@ def load_denoiser(model: str | Path, device: str = "cpu", dtype: str = "float32"
 def make_server(servicer: DenoiserServicer, address: str = "[::]:0",
                 options: ServerOptions = ServerOptions()) -> Server:
     """A started, SERVING Denoiser server named after its UNet's type (base, refiner, inpainting)."""
-    server = Server(model_type(servicer.unet.config), [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer)],
+    server = Server(servicer.stage, [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer)],
                     [SERVICE], address, options)
     server.start()
     server.set_serving()

@@ -9,6 +9,7 @@ Inpainting, both are SDXLInpaintPipeline and the refiner gets the base's mask wi
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -184,7 +185,7 @@ class Run:
 
     def denoise(self, stage: int, header, prompts: Iterable, tensors: Iterable, latents: list) -> Iterator:
         """One Denoise call; its progress relayed, its latents chunks appended to `latents`."""
-        messages = _with_header(denoiser_pb2.DenoiseRequest, header, (prompts, tensors))
+        messages = _with_header(denoiser_pb2.DenoiseRequest, header, itertools.chain(prompts, tensors))
         name = "base" if stage == Stage.STAGE_BASE else "refiner"
         stub = self.stubs.base if stage == Stage.STAGE_BASE else self.stubs.refiner
         for response in self.stage_call(name, stub.Denoise, iter(messages)):

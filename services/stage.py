@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from sdxl_core.loading.hub import HUB_ID
+from sdxl_core.loading.hub import is_hub_id
 
 from . import allocator, logs, metrics
 from .server import Server, ServerOptions
@@ -87,7 +87,7 @@ def check_models(args: argparse.Namespace) -> None:
     """Fail before listening when a model path is absent (an unfilled volume, a typo), naming the flag."""
     for flag in ("model", "refiner_model"):
         path = getattr(args, flag)
-        if path and not Path(path).exists() and not HUB_ID.match(path):
+        if path and not is_hub_id(path) and not Path(path).exists():
             raise SystemExit(f"{args.stage}: --{flag.replace('_', '-')} {path} does not exist. Fill the model volume "
                              f"first (deploy/README.md, 'Weights: the fetch Job') or fix the path; a hub id looks "
                              f"like org/name.")

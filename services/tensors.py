@@ -2,7 +2,7 @@
 
     for chunk in to_proto_chunks("latents", latents):  # (B, 4, h, w) -> 1 MiB pieces
         yield DenoiseResponse(chunk=chunk)
-    for chunks in packed(to_proto_chunks(name, t) for name, t in embeds.items()):  # small tensors share messages
+    for chunks in packed_chunks(embeds):  # {name: tensor}; small tensors share a message
         yield EncodePromptResponse(chunks=chunks)
 
     header, tensors = read_header_stream(requests, "DenoiseRequest", names={"latents"})
@@ -14,6 +14,7 @@ Every error is a ValueError naming the tensor (the servers' interceptor makes it
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -113,15 +114,14 @@ def to_proto_chunks(
 
 
 def packed(
-    chunks: Iterable[tensor_pb2.TensorChunk] | Iterable[Iterable[tensor_pb2.TensorChunk]],
-    max_bytes: int = DEFAULT_CHUNK_BYTES,
+    chunks: Iterable[tensor_pb2.TensorChunk], max_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[list[tensor_pb2.TensorChunk]]:
     """Chunks in order, grouped into messages of at most `max_bytes` data each (a chunk alone may reach it);
-    a group per message of a `repeated TensorChunk chunks` field. Nested iterables (one per tensor) are flattened.
-    At least one group, possibly empty, so a header always has a message to travel on."""
+    a group per message of a `repeated TensorChunk chunks` field. At least one group, possibly empty, so a
+    header always has a message to travel on."""
     group: list[tensor_pb2.TensorChunk] = []
     size = 0
-    for chunk in _flat(chunks):
+    for chunk in chunks:
         if group and size + len(chunk.data) > max_bytes:
             yield group
             group, size = [], 0
@@ -130,12 +130,9 @@ def packed(
     yield group
 
 
-def _flat(chunks) -> Iterator[tensor_pb2.TensorChunk]:
-    for item in chunks:
-        if isinstance(item, tensor_pb2.TensorChunk):
-            yield item
-        else:
-            yield from item
+def packed_chunks(tensors: Mapping[str, torch.Tensor]) -> Iterator[list[tensor_pb2.TensorChunk]]:
+    """{name: tensor} as to_proto_chunks, packed into message-sized groups."""
+    return packed(itertools.chain.from_iterable(to_proto_chunks(name, t) for name, t in tensors.items()))
 
 
 def read_header_stream(requests: Iterator, message: str, **limits) -> tuple[object, dict[str, torch.Tensor]]:
@@ -145,13 +142,11 @@ def read_header_stream(requests: Iterator, message: str, **limits) -> tuple[obje
     if first is None or not first.HasField("header"):
         raise ValueError(f"the first {message} must carry the header")
     assembler = TensorAssembler(**limits)
-    request = first
-    while request is not None:
+    for request in itertools.chain([first], requests):
         if request is not first and request.HasField("header"):
             raise ValueError(f"only the first {message} may carry the header")
         for chunk in request.chunks:
             assembler.add(chunk)
-        request = next(requests, None)
     return first.header, assembler.finish()
 
 

@@ -18,7 +18,7 @@ from sdxl_core.tokenizers import load_tokenizer
 from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import packed, to_proto_chunks
+from .tensors import packed_chunks
 
 SERVICE = "sdxl.v1.TextEncoder"
 MAX_BATCH = 64  # prompts x num_images_per_prompt: far above any UNet batch, bounds the work of one call
@@ -100,15 +100,13 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
         self.encoders = encoders
 
     def EncodePrompt(self, request, context) -> Iterator[text_encoder_pb2.EncodePromptResponse]:
-        targets = check_request(request, self.encoders)
-        batch = len(request.prompt) * max(request.num_images_per_prompt, 1)
-        metrics.observe_batch("text_encoder", "EncodePrompt", batch)
         tensors = {}
-        for target in targets:
+        for target in check_request(request, self.encoders):
             embeddings = self.encoders[target].encode(request)
             tensors.update({f"{TARGET_NAMES[target]}/{name}": tensor for name, tensor in vars(embeddings).items()
                             if tensor is not None})
-        for chunks in packed(to_proto_chunks(name, tensor) for name, tensor in tensors.items()):
+        metrics.observe_batch("text_encoder", "EncodePrompt", embeddings.prompt_embeds.shape[0])
+        for chunks in packed_chunks(tensors):
             yield text_encoder_pb2.EncodePromptResponse(chunks=chunks)
 
 

@@ -27,7 +27,7 @@ from sdxl_core.watermark import watermark_available
 from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import FLOATS, TensorAssembler, expect, packed, read_header_stream, to_proto_chunks
+from .tensors import FLOATS, TensorAssembler, expect, packed_chunks, read_header_stream, to_proto_chunks
 
 SERVICE = "sdxl.v1.Vae"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -170,7 +170,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
                                     masked_image_samples=encoded.draws.masked_image_samples,
                                     dtype=_wire(encoded.draws.dtype))
         tensors = {name: getattr(encoded, name) for name in ("image_latents", "mask", "masked_image_latents")}
-        for chunks in packed(to_proto_chunks(name, t) for name, t in tensors.items() if t is not None):
+        for chunks in packed_chunks({name: t for name, t in tensors.items() if t is not None}):
             yield vae_pb2.EncodeResponse(chunks=chunks, draws=draws)
             draws = None  # on the first message only
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from sdxl_core.errors import WeightsNotFoundError
-from sdxl_core.loading.hub import HUB_ID, model_folder
+from sdxl_core.loading.hub import is_hub_id, model_folder
 
 MARKER = "model_index.json"  # every diffusers pipeline folder has one; DEST has it only once whole
 
@@ -51,7 +51,7 @@ def complete(folder: Path) -> bool:
 def _source_folder(source: str | Path) -> tuple[Path, bool]:
     """(the diffusers folder to copy, whether it came from the hub)."""
     local = Path(source)
-    from_hub = not local.exists() and bool(HUB_ID.match(str(source)))
+    from_hub = is_hub_id(source)
     if from_hub and os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off"):
         raise RuntimeError(f"no folder {source}, and downloading it as a hub id needs HF_HUB_OFFLINE=0 (the image"
                            " sets HF_HUB_OFFLINE=1 for the services)")

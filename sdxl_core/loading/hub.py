@@ -8,9 +8,14 @@ from pathlib import Path
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # "stabilityai/stable-diffusion-xl-base-1.0"
 
 
+def is_hub_id(path: str | Path) -> bool:
+    """True when `path` names nothing on disk but is shaped like a hub id: loading it means a download."""
+    return not Path(path).exists() and bool(HUB_ID.match(str(path)))
+
+
 def model_folder(path: str | Path, variant: str | None = None) -> Path:
-    """`path` itself when it exists (or is not shaped like a hub id), else a hub snapshot of only what loading reads."""
-    if Path(path).exists() or not HUB_ID.match(str(path)):
+    """`path` itself unless it is a hub id (is_hub_id), else a hub snapshot of only what loading reads."""
+    if not is_hub_id(path):
         return Path(path)
     from huggingface_hub import snapshot_download  # transformers' dependency; needs a reachable hub
 

@@ -13,6 +13,7 @@ from sdxl_services.tensors import (
     expect,
     from_proto,
     packed,
+    packed_chunks,
     read_header_stream,
     to_proto,
     to_proto_chunks,
@@ -124,7 +125,7 @@ def test_a_batch_of_1024_images_and_latents_interleaved_arrive_intact_in_message
 
 def test_packed_groups_small_tensors_into_few_messages_under_the_chunk_size_in_order():
     tensors = {f"t{i}": sample(torch.float32, (77, 2048 // (i + 1))) for i in range(8)}  # 630 KB down to 79 KB
-    groups = list(packed((to_proto_chunks(n, t) for n, t in tensors.items()), max_bytes=DEFAULT_CHUNK_BYTES))
+    groups = list(packed_chunks(tensors))
     flat = [c for g in groups for c in g]
     assert [(c.name, c.offset) for c in flat] == [(c.name, c.offset) for n, t in tensors.items()
                                                     for c in to_proto_chunks(n, t)]
