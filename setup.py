@@ -36,6 +36,6 @@ class BuildPyWithProtos(build_py):
 
 # sdxl_core as found; the others come from the package-dir mapping in pyproject.toml, which find cannot follow.
 PACKAGES = [*find_packages(str(ROOT), include=["sdxl_core", "sdxl_core.*"]),
-            "sdxl", "sdxl.v1", "sdxl_services", "sdxl_client"]
+            "sdxl", "sdxl.v1", "sdxl_wire", "sdxl_services", "sdxl_client"]
 
 setup(packages=PACKAGES, cmdclass={"build_py": BuildPyWithProtos})

@@ -164,7 +164,7 @@ class Replay:
     call, other messages sent as recorded."""
 
     def __init__(self, responses: list):
-        from sdxl_services.tensors import TensorAssembler
+        from sdxl_wire.tensors import TensorAssembler
 
         assembler = TensorAssembler()
         # ("tensor", (response type, name)), ("packed", (first response without its chunks, [names])) or
@@ -191,7 +191,7 @@ class Replay:
         self.tensors = assembler.finish()
 
     def __iter__(self) -> Iterator:
-        from sdxl_services.tensors import packed_chunks, to_proto_chunks
+        from sdxl_wire.tensors import packed_chunks, to_proto_chunks
 
         for kind, value in self.events:
             if kind == "message":
@@ -219,7 +219,7 @@ def replay_server(stage: str, recording: dict[tuple[str, str], list]):
     from sdxl.v1 import denoiser_pb2_grpc, text_encoder_pb2_grpc, vae_pb2_grpc
     from sdxl_services import denoiser, text_encoder, vae
     from sdxl_services.server import Server
-    from sdxl_services.tensors import read_header_stream
+    from sdxl_wire.tensors import read_header_stream
 
     def replay(kind: str) -> Replay:
         return Replay(recording.get((stage, kind), []))
@@ -449,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             server.stop(0)
     undo()  # the replay chain runs the orchestrator as shipped, uninstrumented
 
-    from sdxl_client.images import from_bytes
+    from sdxl_wire.images import from_bytes
 
     decode_s = []
     for _ in range(5):  # the client hands back decoded images; the in-process path has no PNG to decode

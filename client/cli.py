@@ -9,7 +9,6 @@ from pathlib import Path
 
 import grpc
 
-from . import launch
 from .client import SDXLClient
 from .output import ProgressBar, save_images
 
@@ -23,30 +22,10 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def _serve_all_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve --all: the five stage processes; serve STAGE ...: one stage")
-    p.add_argument("--all", action="store_true", required=True, help="start every stage and the orchestrator")
-    p.add_argument("--base-model", help="the base model (folder or file); default: the tiny model")
-    p.add_argument("--refiner-model", help="the refiner model; default: the tiny model")
-    p.add_argument("--no-refiner", action="store_true", help="start no refiner stage")
-    p.add_argument("--base-inpainting", action="store_true",
-                   help="the base model is a 9-channel inpainting model (the orchestrator must know to reproduce seeds)")
-    p.add_argument("--host", default="[::]", help="the orchestrator's listening host (default: all interfaces)")
-    p.add_argument("--port", type=int, default=50051, help="the orchestrator's port; 0 picks a free one")
-    p.add_argument("--device", help="every stage's device, unless placed otherwise; default: spread over the "
-                                    "visible GPUs (deploy/README.md), cpu without one")
-    p.add_argument("--placement", metavar="STAGE=DEV[+DEV...],...",
-                   help="devices per stage, one process per device, e.g. "
-                        "'base=cuda:0+cuda:1+cuda:2,refiner=cuda:3,text_encoder=cuda:3,vae=cuda:3'")
-    for stage in launch.STAGES:
-        p.add_argument(f"--{stage.replace('_', '-')}-device", metavar="DEV[+DEV...]",
-                       help=f"the {stage} stage's device(s), e.g. cuda:0 (overrides --placement)")
-    dtypes = ("float32", "float16", "bfloat16")
-    p.add_argument("--dtype", choices=dtypes, help="every stage's dtype, unless its own is given; default: "
-                                                   "float32 on cpu, float16 on a GPU (the VAE float32)")
-    for stage in launch.STAGES:
-        p.add_argument(f"--{stage.replace('_', '-')}-dtype", choices=dtypes, help=f"the {stage} stage's dtype")
-    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every stage to be SERVING")
+def _serve_parser(sub) -> None:
+    # Only for `sdxl --help`: main() hands `serve` to the services before parsing (sdxl_services.launch).
+    sub.add_parser("serve", help="serve --all: the five stage processes (--help for its options); "
+                                 "serve STAGE ...: one stage (python -m sdxl_services --help)")
 
 
 def _generate_parser(sub) -> None:
@@ -57,18 +36,21 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt-2")
     p.add_argument("--negative", help="the negative prompt")
     p.add_argument("--negative-2", help="the negative prompt for the second text encoder")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, help="num_inference_steps; default: the server's (50)")
     p.add_argument("--guidance", type=float, help="guidance scale; default: the server's (5.0, 7.5 inpaint)")
     p.add_argument("--size", type=_size, help="WIDTHxHEIGHT; default 1024x1024, or the input image's size")
     p.add_argument("--seed", type=int)
-    p.add_argument("--scheduler", default="euler")
+    p.add_argument("--scheduler", help="euler (the server's default), euler_a, heun, lms, ddim, dpmpp_2m, "
+                                       "dpmpp_2m_karras, unipc")
     p.add_argument("--refiner", choices=("none", "ensemble", "refine"), default="none")
-    p.add_argument("--high-noise-frac", type=float, default=0.8, help="ensemble: where the refiner takes over")
-    p.add_argument("--refiner-strength", type=float, help="refine: img2img strength of the refiner")
+    p.add_argument("--high-noise-frac", type=float,
+                   help="ensemble: where the refiner takes over; default: the server's (0.8)")
+    p.add_argument("--refiner-strength", type=float,
+                   help="refine: img2img strength of the refiner; default: the server's (0.3)")
     p.add_argument("--image", type=Path, help="img2img / inpaint: the input image")
     p.add_argument("--mask", type=Path, help="inpaint: the mask, white where to repaint")
-    p.add_argument("--strength", type=float)
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--strength", type=float, help="img2img / inpaint; default: the server's (0.3, 0.9999 inpaint)")
+    p.add_argument("--num-images", type=int, help="images per prompt; default: 1")
     p.add_argument("--no-watermark", action="store_true")
     p.add_argument("--timeout", type=float, help="seconds before the request is abandoned")
 
@@ -77,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
     """The sdxl command's argument parser (`serve STAGE ...` is passed through before parsing)."""
     p = argparse.ArgumentParser(prog="sdxl", description="Stable Diffusion XL as gRPC microservices")
     sub = p.add_subparsers(dest="command", required=True)
-    _serve_all_parser(sub)
+    _serve_parser(sub)
     _generate_parser(sub)
     h = sub.add_parser("health", help="grpc.health.v1 check: exit 0 when SERVING")
     h.add_argument("address")
@@ -88,26 +70,6 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--size", type=_size, default=(256, 256))
     d.add_argument("--steps", type=int, default=10)
     return p
-
-
-def serve_all(args: argparse.Namespace) -> int:
-    """`sdxl serve --all`: run the five processes until a stop signal."""
-    try:
-        options = _serve_options(args)
-    except ValueError as e:
-        print(f"sdxl serve --all: {e}", file=sys.stderr)
-        return 2
-    return launch.serve_all(options)
-
-
-def _serve_options(args: argparse.Namespace) -> launch.ServeOptions:
-    return launch.ServeOptions(
-        base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
-        base_inpainting=args.base_inpainting,
-        host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
-        start_timeout_s=args.start_timeout,
-        **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in launch.STAGES for kind in ("device", "dtype")},
-    )
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -122,7 +84,7 @@ def generate(args: argparse.Namespace) -> int:
                 height=height, width=width, num_images_per_prompt=args.num_images, seed=args.seed,
                 scheduler=args.scheduler, strength=args.strength, refiner=args.refiner,
                 high_noise_frac=args.high_noise_frac, refiner_strength=args.refiner_strength,
-                watermark=not args.no_watermark, image=args.image, mask_image=args.mask,
+                watermark=False if args.no_watermark else None, image=args.image, mask_image=args.mask,
                 on_progress=progress, timeout=args.timeout,
             )
         except grpc.RpcError as e:
@@ -161,9 +123,13 @@ def demo(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """The sdxl command."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["serve"] and "--all" not in argv[1:] and not {"-h", "--help"} & set(argv[1:2]):
+    if argv[:1] == ["serve"]:  # server-side code, imported only here: the client package stays light
+        if "--all" in argv[1:] or {"-h", "--help"} & set(argv[1:2]):
+            from sdxl_services.launch import main as serve_all
+
+            return serve_all(argv[1:])
         # `sdxl serve STAGE ...`: become that one stage process
         os.execv(sys.executable, [sys.executable, "-m", "sdxl_services", *argv[1:]])
     args = parser().parse_args(argv)
-    commands = {"serve": serve_all, "generate": generate, "health": health, "demo": demo}
+    commands = {"generate": generate, "health": health, "demo": demo}
     return commands[args.command](args)

@@ -12,12 +12,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from sdxl_wire import MAX_MESSAGE_BYTES, REQUEST_ID_KEY
+from sdxl_wire import images as img
 
-from . import images as img
 from . import params as prm
 
-REQUEST_ID_KEY = "x-request-id"
-MAX_MESSAGE_BYTES = 64 * 2**20  # as the servers: chunked streams stay small, but leave room
 CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

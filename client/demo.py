@@ -1,4 +1,7 @@
-"""`make run`: serve --all on the tiny model, generate one image with the ensemble refiner, stop."""
+"""`make run`: serve --all on the tiny model, generate one image with the ensemble refiner, stop.
+
+The one client command that runs the server side too: it imports the launcher (sdxl_services) when it runs.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import sys
 
 import grpc
 
-from . import launch
 from .client import SDXLClient
 from .output import ProgressBar, save_images
 
@@ -15,6 +17,8 @@ PROMPT = "an astronaut riding a horse"
 
 def run_demo(output: str = "out.png", size: tuple[int, int] = (256, 256), steps: int = 10) -> int:
     """Start every stage on a free port, generate `PROMPT` to `output`, stop them even on failure."""
+    from sdxl_services import launch
+
     print("starting the five stage processes on the tiny model ...", file=sys.stderr)
     cluster = launch.Cluster(launch.ServeOptions(port=0, host="127.0.0.1"))
     try:
@@ -24,7 +28,7 @@ def run_demo(output: str = "out.png", size: tuple[int, int] = (256, 256), steps:
         progress = ProgressBar()
         with SDXLClient(cluster.address) as client:
             result = client.generate(
-                PROMPT, refiner="ensemble", high_noise_frac=0.8, num_inference_steps=steps, seed=0,
+                PROMPT, refiner="ensemble", num_inference_steps=steps, seed=0,
                 width=size[0], height=size[1], on_progress=progress, timeout=600,
             )
         progress.end()

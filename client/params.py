@@ -7,8 +7,8 @@ from collections.abc import Iterator, Sequence
 from google.protobuf import struct_pb2
 
 from sdxl.v1 import denoiser_pb2, orchestrator_pb2
-
-from . import images as img
+from sdxl_wire import CHUNK_BYTES
+from sdxl_wire import images as img
 
 REFINERS = {
     "none": orchestrator_pb2.REFINER_NONE,
@@ -87,14 +87,14 @@ def generate_params(
     prompt_2: str | Sequence[str] | None = None,
     negative_prompt: str | Sequence[str] | None = None,
     negative_prompt_2: str | Sequence[str] | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     guidance_rescale: float = 0.0,
     height: int | None = None,
     width: int | None = None,
-    num_images_per_prompt: int = 1,
+    num_images_per_prompt: int | None = None,
     seed: int | None = None,
-    scheduler: str = "euler",
+    scheduler: str | None = None,
     scheduler_options: dict | None = None,
     denoising_start: float | None = None,
     denoising_end: float | None = None,
@@ -108,17 +108,18 @@ def generate_params(
     aesthetic_score: float | None = None,
     negative_aesthetic_score: float | None = None,
     refiner: str | int = "none",
-    high_noise_frac: float = 0.8,
+    high_noise_frac: float | None = None,
     refiner_strength: float | None = None,
     refiner_steps: int | None = None,
     refiner_scheduler: str | None = None,
-    watermark: bool = True,
+    watermark: bool | None = None,
     preview: bool = False,
     *,
     has_image: bool = False,
     has_mask: bool = False,
 ) -> orchestrator_pb2.GenerateParams:
-    """GenerateParams from the pipelines' arguments (diffusers' names); None leaves a field to the server."""
+    """GenerateParams from the pipelines' arguments (diffusers' names). None leaves a field unset, and the
+    server applies the in-process pipelines' default; the client decides none."""
     prompts = _strings("prompt", prompt)
     if not prompts:
         raise ValueError("prompt must hold at least one string")
@@ -130,12 +131,12 @@ def generate_params(
         prompt_2=_strings("prompt_2", prompt_2),
         negative_prompt=_strings("negative_prompt", negative_prompt),
         negative_prompt_2=_strings("negative_prompt_2", negative_prompt_2),
-        num_inference_steps=num_inference_steps,
+        num_inference_steps=num_inference_steps or 0,
         guidance_rescale=guidance_rescale,
         height=height or 0,
         width=width or 0,
-        num_images_per_prompt=num_images_per_prompt,
-        scheduler=scheduler,
+        num_images_per_prompt=num_images_per_prompt or 0,
+        scheduler=scheduler or "",
         micro_conditioning=micro_conditioning(
             original_size=original_size,
             crops_coords_top_left=crops_coords_top_left,
@@ -146,21 +147,19 @@ def generate_params(
             aesthetic_score=aesthetic_score,
             negative_aesthetic_score=negative_aesthetic_score,
         ),
-        watermark=watermark,
         refiner=refiner_enum(refiner),
         refiner_steps=refiner_steps or 0,
         refiner_scheduler=refiner_scheduler or "",
         preview=preview,
     )
     optional = {"guidance_scale": guidance_scale, "denoising_start": denoising_start, "denoising_end": denoising_end,
-                "strength": strength, "refiner_strength": refiner_strength, "seed": seed}
+                "strength": strength, "refiner_strength": refiner_strength, "seed": seed, "watermark": watermark,
+                "high_noise_frac": high_noise_frac}
     for name, value in optional.items():
         if value is not None:
             setattr(params, name, value)
     if scheduler_options:
         params.scheduler_options.CopyFrom(_struct(scheduler_options))
-    if params.refiner == orchestrator_pb2.REFINER_ENSEMBLE:  # the handoff means nothing to the other modes
-        params.high_noise_frac = high_noise_frac
     return params
 
 
@@ -181,7 +180,7 @@ def requests(
     params: orchestrator_pb2.GenerateParams,
     images: Sequence[bytes] = (),
     masks: Sequence[bytes] = (),
-    chunk_bytes: int = img.CHUNK_BYTES,
+    chunk_bytes: int = CHUNK_BYTES,
 ) -> Iterator[orchestrator_pb2.GenerateRequest]:
     """The client side of Generate: params, then the encoded image(s) and mask(s) as ImageChunks."""
     yield orchestrator_pb2.GenerateRequest(params=params)

@@ -1,6 +1,6 @@
 """Per-stage sizing of SDXL: parameters, weight bytes, and the peak accelerator memory of one request.
 
-The peak is traced, not estimated: each stage's real code (the UNet inside `denoise_stage`, the VAE in
+The peak is traced, not estimated: each stage's real code (the UNet inside `text2img_denoise`, the VAE in
 `latents_to_images` / `images_to_latents`, the text encoders as `encode_prompt` calls them) runs on fake
 tensors, which carry shapes and dtypes but no memory and do no compute, while `LiveBytes` adds up the
 bytes of every tensor storage alive after each operator and keeps the maximum.
@@ -27,16 +27,17 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-from sdxl_client import placement
 from sdxl_core import configs
 from sdxl_core.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from sdxl_core.denoise import Conditioning
+from sdxl_core.request import DenoisePlan, Mode
 from sdxl_core.schedulers import make_schedule
 from sdxl_core.schedulers.base import Schedule
-from sdxl_core.stages import denoise_stage
+from sdxl_core.stages import text2img_denoise
 from sdxl_core.text_encoders import clip_text_config
 from sdxl_core.unet import UNet
 from sdxl_core.vae import AutoencoderKL, images_to_latents, latents_to_images
+from sdxl_services import placement
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 BATCHES = (1, 4)
@@ -170,7 +171,7 @@ def _unet(config_of: Callable[[Models], UNetConfig]):
 
 
 def _denoise(modules: list[nn.Module], batch: int, size: int):
-    """`denoise_stage` from noise, classifier-free guidance on (the UNet sees a batch of 2B), STEPS steps."""
+    """`text2img_denoise` from noise, classifier-free guidance on (the UNet sees a batch of 2B), STEPS steps."""
     (unet,) = modules
     c, dtype = unet.config, unet.dtype
     context = torch.zeros(batch, TOKENS, c.cross_attention_dim, dtype=dtype)
@@ -184,8 +185,9 @@ def _denoise(modules: list[nn.Module], batch: int, size: int):
     latent = size // 8
 
     def run():
-        return denoise_stage(unet, schedule, conditioning, 0, STEPS, 5.0, 0.0, torch.Generator().manual_seed(0),
-                             torch.device("cpu"), dtype, latent_size=(latent, latent))
+        plan = DenoisePlan(Mode.TEXT2IMG, schedule, 0, STEPS, guidance_scale=5.0)
+        return text2img_denoise(unet, plan, conditioning, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                dtype, latent_size=(latent, latent))
 
     tables = [schedule.timesteps, schedule.alphas_cumprod, schedule.sigmas, *schedule.extra.values()]
     return [t for t in [*vars(conditioning).values(), *tables] if t is not None], run

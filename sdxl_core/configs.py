@@ -1,7 +1,7 @@
 """Frozen configs for the SDXL models: full-size constants beside tiny test ones.
 
 Full-size values are those of stabilityai/stable-diffusion-xl-{base,refiner}-1.0
-(revision 462165984030d82259a11f4367a4eed129e94a7b); see ../shared/reference/.
+(revision 462165984030d82259a11f4367a4eed129e94a7b); copies in tests/data/reference/.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ class UNetConfig:
         return self.block_out_channels[0] * 4
 
     @classmethod
-    def from_diffusers(cls, config: dict | str | Path) -> "UNetConfig":
+    def from_diffusers(cls, config: dict | str | Path) -> UNetConfig:
         """Read a diffusers unet/config.json (the SDXL subset of UNet2DConditionModel)."""
         c = config if isinstance(config, dict) else _read_json(config)
         if c.get("addition_embed_type") != "text_time":
@@ -144,12 +144,8 @@ class VAEConfig:
     force_upcast: bool = True
     sample_size: int = 1024
 
-    @property
-    def downscale_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
     @classmethod
-    def from_diffusers(cls, config: dict | str | Path) -> "VAEConfig":
+    def from_diffusers(cls, config: dict | str | Path) -> VAEConfig:
         c = config if isinstance(config, dict) else _read_json(config)
         for key in ("down_block_types", "up_block_types"):
             kinds = set(c.get(key, ()))
@@ -208,7 +204,7 @@ class TextEncoderConfig:
     pad_token_id: int = 1
 
     @classmethod
-    def from_diffusers(cls, config: dict | str | Path) -> "TextEncoderConfig":
+    def from_diffusers(cls, config: dict | str | Path) -> TextEncoderConfig:
         c = config if isinstance(config, dict) else _read_json(config)
         arch = (c.get("architectures") or ["CLIPTextModel"])[0]
         if arch not in ("CLIPTextModel", "CLIPTextModelWithProjection"):

@@ -103,8 +103,9 @@ def img2img_time_ids(
     negative_original_size: Size | None = None,
     negative_crops_coords_top_left: Size = (0, 0),
     negative_target_size: Size | None = None,
-    aesthetic_score: float = 6.0,
-    negative_aesthetic_score: float = 2.5,
+    *,
+    aesthetic_score: float,
+    negative_aesthetic_score: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(time_ids, negative_time_ids), each (1, 5|6), as StableDiffusionXLImg2ImgPipeline._get_add_time_ids.
 

@@ -70,19 +70,6 @@ def sample_image_latents(
     return latents.to(dtype)
 
 
-def image_latents(
-    vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
-    device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> VAE latents sampled with `generator`, tiled to (batch_size, 4, H/8, W/8).
-
-    An image with 4 channels is already latents (the base's output_type="latent") and is only tiled.
-    """
-    if image.shape[1] == vae.config.latent_channels:
-        return tile(image.to(device=device, dtype=dtype), batch_size, "image")
-    return tile(sample_image_latents(vae, image, batch_size, generator, device, dtype), batch_size, "image")
-
-
 # --- images in: VaeImageProcessor.preprocess (resize to a multiple of 8, lanczos for PIL, nearest otherwise)
 
 def _as_list(image) -> list:

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from sdxl_core.denoise import Conditioning, DenoisingCancelled, OnStep, denoise
 from sdxl_core.latents import VAE_SCALE_FACTOR, to_tensor
 from sdxl_core.noise import GeneratorLike
+from sdxl_core.request import is_inpainting_unet
 from sdxl_core.schedulers.base import Schedule
 from sdxl_core.vae import AutoencoderKL, images_to_latents
 
@@ -167,7 +168,7 @@ def denoise_inpaint(
     the known region is put back after each step, noised to the next step's level (clean after the last).
     """
     end = schedule.num_steps if end is None else end
-    if unet.config.in_channels != 4:
+    if is_inpainting_unet(unet.config.in_channels):
         if inputs.masked_image_latents is None:
             raise ValueError("an inpainting UNet needs the masked image: pass an image in pixels, "
                              "or `masked_image_latents` with image latents")

@@ -20,12 +20,9 @@ from sdxl_core.denoise import Conditioning, OnStep, denoise
 from sdxl_core.latents import VAE_SCALE_FACTOR, noise_latents, postprocess, sample_image_latents, tile
 from sdxl_core.masks import InpaintInputs, denoise_inpaint, encode, masked_image, repeat_to_batch, sample_dtype
 from sdxl_core.noise import GeneratorLike, randn
-from sdxl_core.ranges import end_index, start_index, strength_start_index
-from sdxl_core.schedulers.base import Schedule
+from sdxl_core.request import LATENT_CHANNELS, DenoisePlan, is_inpainting_unet
 from sdxl_core.vae import AutoencoderKL, latents_to_images
 from sdxl_core.watermark import apply_watermark
-
-LATENT_CHANNELS = 4
 
 
 @dataclass(frozen=True)
@@ -69,20 +66,6 @@ def skip_draws(generator: GeneratorLike, count: int, shape: tuple[int, ...], dty
             torch.randn((1, *shape), generator=g, device=g.device, dtype=dtype)
     else:
         torch.randn((count, *shape), generator=generator, device=generator.device, dtype=dtype)
-
-
-def denoise_range(
-    schedule: Schedule, num_inference_steps: int, denoising_start: float | None = None,
-    denoising_end: float | None = None, strength: float | None = None,
-) -> tuple[int, int]:
-    """Steps [start, end) a run covers: from `denoising_start`, the last `strength`, or 0; up to `denoising_end`."""
-    if denoising_start is not None:
-        start = start_index(schedule, denoising_start)
-    elif strength is not None:
-        start = strength_start_index(schedule, num_inference_steps, strength)
-    else:
-        start = 0
-    return start, end_index(schedule, denoising_end, start)
 
 
 # --- the VAE side
@@ -140,60 +123,76 @@ def encode_inpaint_stage(
     return EncodedImage(latents, mask_latents, masked, draws)
 
 
-# --- the denoiser side
+# --- the denoiser side: one function per mode, each running a DenoisePlan
 
 
 @torch.no_grad()
-def denoise_stage(
-    unet: torch.nn.Module, schedule: Schedule, conditioning: Conditioning, start: int, end: int,
-    guidance_scale: float, guidance_rescale: float, generator: GeneratorLike,
-    device: torch.device, dtype: torch.dtype, *,
-    latents: torch.Tensor | None = None, latent_size: tuple[int, int] | None = None,
-    image: EncodedImage | None = None, add_noise: bool = True, from_noise: bool = False,
-    on_step: OnStep | None = None,
+def text2img_denoise(
+    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, generator: GeneratorLike,
+    device: torch.device, dtype: torch.dtype, *, latents: torch.Tensor | None = None,
+    latent_size: tuple[int, int] | None = None, on_step: OnStep | None = None,
 ) -> torch.Tensor:
-    """Steps [start, end) from text (given `latents` or noise of `latent_size` (h, w)), from image latents
-    (img2img: noised to `start` unless not `add_noise`), or with a mask (inpaint; `from_noise`: strength 1).
+    """Text-to-image: the plan's steps from the given `latents`, or from noise of `latent_size` (h, w)."""
+    schedule = plan.schedule
+    if latents is None:
+        shape = (conditioning.batch_size, LATENT_CHANNELS, *latent_size)
+        latents = noise_latents(shape, schedule, generator, device, dtype)
+    else:  # diffusers scales given latents by init_noise_sigma too
+        latents = _as_sent(latents, device, dtype) * schedule.init_noise_sigma
+    return _run(unet, plan, latents, conditioning, generator, on_step)
+
+
+@torch.no_grad()
+def img2img_denoise(
+    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
+    generator: GeneratorLike, device: torch.device, dtype: torch.dtype, *, on_step: OnStep | None = None,
+) -> torch.Tensor:
+    """Image-to-image: the image latents noised to the plan's start (as they are with `denoising_start`).
 
     Skips `image.draws` first, so a generator in the request's initial state draws as the pipeline does.
     """
-    B = conditioning.batch_size
-    if image is None:
-        if latents is None:
-            shape = (B, unet.config.in_channels, *latent_size)
-            latents = noise_latents(shape, schedule, generator, device, dtype)
-        else:  # diffusers scales given latents by init_noise_sigma too
-            latents = _as_sent(latents, device, dtype) * schedule.init_noise_sigma
-        return denoise(unet, schedule, latents, conditioning, start, end, guidance_scale, guidance_rescale,
-                       generator, on_step=on_step)
-    draws = image.draws
+    skip_draws(generator, image.draws.image_samples, _latent_shape(image), image.draws.dtype)
+    latents = tile(_as_sent(image.image_latents, device, dtype), conditioning.batch_size, "image")
+    if plan.add_noise:
+        noise = randn(latents.shape, generator, device, dtype)
+        latents = plan.schedule.sampler.add_noise(plan.schedule, latents, noise, plan.start)
+    return _run(unet, plan, latents, conditioning, generator, on_step)
+
+
+@torch.no_grad()
+def inpaint_denoise(
+    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
+    generator: GeneratorLike, device: torch.device, dtype: torch.dtype, *, on_step: OnStep | None = None,
+) -> torch.Tensor:
+    """Inpainting: from the noised image latents, or pure noise (`plan.from_noise`), repainting under the mask.
+
+    Skips `image.draws` first, so a generator in the request's initial state draws as the pipeline does.
+    """
+    B, draws, schedule = conditioning.batch_size, image.draws, plan.schedule
     skip_draws(generator, draws.image_samples, _latent_shape(image), draws.dtype)
-    known = None if image.image_latents is None else _as_sent(image.image_latents, device, dtype)
-    if image.mask is None:
-        latents = tile(known, B, "image")
-        if add_noise:
-            noise = randn(latents.shape, generator, device, dtype)
-            latents = schedule.sampler.add_noise(schedule, latents, noise, start)
-        return denoise(unet, schedule, latents, conditioning, start, end, guidance_scale, guidance_rescale,
-                       generator, on_step=on_step)
-    if known is None and (not add_noise or not from_noise or unet.config.in_channels == 4):
+    if image.image_latents is None and plan.needs_image_latents(unet.config.in_channels):
         raise ValueError("image latents are needed unless a 9-channel inpainting UNet starts from pure noise "
                          "(strength 1, no denoising_start)")
-    known = None if known is None else repeat_to_batch(known, B, "image")
+    known = None if image.image_latents is None else repeat_to_batch(
+        _as_sent(image.image_latents, device, dtype), B, "image")
     noise = randn((B, LATENT_CHANNELS, *image.mask.shape[-2:]), generator, device, dtype)
     skip_draws(generator, draws.masked_image_samples, _latent_shape(image), draws.dtype)
-    if not add_noise:
+    if not plan.add_noise:
         latents = known
-    elif from_noise:
+    elif plan.from_noise:
         latents = noise * schedule.init_noise_sigma
     else:
-        latents = schedule.sampler.add_noise(schedule, known, noise, start)
+        latents = schedule.sampler.add_noise(schedule, known, noise, plan.start)
     mask = repeat_to_batch(_as_sent(image.mask, device, dtype), B, "mask")
-    masked = image.masked_image_latents if unet.config.in_channels != 4 else None
+    masked = image.masked_image_latents if is_inpainting_unet(unet.config.in_channels) else None
     masked = None if masked is None else repeat_to_batch(_as_sent(masked, device, dtype), B, "masked image")
-    inputs = InpaintInputs(mask, known, noise, masked)
-    return denoise_inpaint(unet, schedule, latents, conditioning, inputs, start, end, guidance_scale,
-                           guidance_rescale, generator, on_step)
+    return denoise_inpaint(unet, schedule, latents, conditioning, InpaintInputs(mask, known, noise, masked),
+                           plan.start, plan.end, plan.guidance_scale, plan.guidance_rescale, generator, on_step)
+
+
+def _run(unet, plan: DenoisePlan, latents, conditioning: Conditioning, generator, on_step) -> torch.Tensor:
+    return denoise(unet, plan.schedule, latents, conditioning, plan.start, plan.end, plan.guidance_scale,
+                   plan.guidance_rescale, generator, on_step=on_step)
 
 
 def _as_sent(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -9,9 +9,10 @@ from contextvars import ContextVar
 
 import grpc
 
+from sdxl_wire import REQUEST_ID_KEY
+
 from .errors import Cancelled, DeadlineExceeded
 
-REQUEST_ID_KEY = "x-request-id"
 _VALID_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # keeps log lines one line and bounded
 _NO_DEADLINE_S = 1e8  # grpc reports "no deadline" as a deadline centuries away
 

@@ -1,4 +1,4 @@
-"""The denoiser stage, base or refiner: Denoise runs a range of a schedule (sdxl_core.stages.denoise_stage).
+"""The denoiser stage, base or refiner: Denoise runs a range of a schedule (sdxl_core.stages' *_denoise).
 
 The base and the refiner serve the same service with a different UNet; the stage reads which off the UNet.
 """
@@ -11,30 +11,40 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from google.protobuf import json_format
 
-from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc
-from sdxl_core.denoise import Conditioning, DenoisingCancelled, img2img_time_ids, text2img_time_ids
+from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc, stage_pb2
+from sdxl_core.denoise import Conditioning, DenoisingCancelled
 from sdxl_core.latents import VAE_SCALE_FACTOR, preview
 from sdxl_core.loading import load_single_file, load_unet, model_type
 from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings
-from sdxl_core.ranges import check_range
-from sdxl_core.schedulers import SCHEDULERS, Schedule, make_schedule
-from sdxl_core.stages import Draws, EncodedImage, denoise_range, denoise_stage
+from sdxl_core.request import SCHEDULER, DenoisePlan, MicroConditioning, Mode, is_inpainting_unet, plan_denoise
+from sdxl_core.schedulers import SCHEDULERS
+from sdxl_core.stages import Draws, EncodedImage, img2img_denoise, inpaint_denoise, text2img_denoise
+from sdxl_wire.tensors import (
+    DTYPES,
+    FLOATS,
+    expect,
+    read_header_stream,
+    to_proto,
+    to_proto_chunks,
+    wire_dtype,
+    wire_float_dtype,
+)
 
 from . import calls, metrics
+from .describe import struct, unet_description
 from .errors import Cancelled
 from .server import Server, ServerOptions
-from .tensors import FLOATS, expect, read_header_stream, to_proto, to_proto_chunks
-from .vae import DTYPES, wire_float_dtype
 
 SERVICE = "sdxl.v1.Denoiser"
+add_servicer = denoiser_pb2_grpc.add_DenoiserServicer_to_server
 MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps is never useful
 MAX_SIDE = 8192  # pixels per side when no latents are sent; bounds the work of one call
 MAX_PREVIEW_BYTES = 1 << 20  # denoiser.proto: previews over 1 MiB are left out
@@ -44,20 +54,14 @@ TENSOR_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds
 
 @dataclass(frozen=True)
 class Job:
-    """One validated Denoise call: what denoise_stage takes, and the seed of its generator."""
+    """One validated Denoise call: its plan, its inputs, and the seed of its generator."""
 
-    schedule: Schedule
-    start: int
-    end: int
+    plan: DenoisePlan
     conditioning: Conditioning
-    guidance_scale: float
-    guidance_rescale: float
     seed: int
     latents: torch.Tensor | None  # text2img: given starting latents
     latent_size: tuple[int, int]  # (h, w)
     image: EncodedImage | None  # img2img / inpaint
-    add_noise: bool  # False with denoising_start: the image latents are the start
-    from_noise: bool  # inpaint at strength 1
     preview: bool
 
 
@@ -67,16 +71,16 @@ def read_stream(requests: Iterator[denoiser_pb2.DenoiseRequest]) -> tuple[denois
 
 
 def check_scalars(header: denoiser_pb2.DenoiseHeader, max_steps: int) -> None:
-    """Steps, guidance and fractions in range; ValueError names the field and its range."""
+    """Steps and guidance in range; ValueError names the field and its range (the plan checks the rest)."""
     if header.scheduler and header.scheduler not in SCHEDULERS:
         raise ValueError(f"`scheduler` {header.scheduler!r} is unknown; choose one of {', '.join(SCHEDULERS)}")
-    if not 1 <= header.num_inference_steps <= max_steps:
-        raise ValueError(f"`num_inference_steps` must be in [1, {max_steps}], got {header.num_inference_steps}")
-    if not math.isfinite(header.guidance_scale) or header.guidance_scale < 0:
+    if not 0 <= header.num_inference_steps <= max_steps:
+        raise ValueError(f"`num_inference_steps` must be in [1, {max_steps}] (0: the default), "
+                         f"got {header.num_inference_steps}")
+    if header.HasField("guidance_scale") and not (math.isfinite(header.guidance_scale) and header.guidance_scale >= 0):
         raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {header.guidance_scale}")
     if not (math.isfinite(header.guidance_rescale) and 0 <= header.guidance_rescale <= 1):
         raise ValueError(f"`guidance_rescale` must be in [0, 1], got {header.guidance_rescale}")
-    check_range(_optional(header, "strength"), _optional(header, "denoising_start"), _optional(header, "denoising_end"))
 
 
 def _optional(message, name: str):
@@ -90,17 +94,21 @@ def scheduler_options(header: denoiser_pb2.DenoiseHeader) -> dict:
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    """Denoise over one UNet; holds no per-request state but a count of steps run (for tests and logs)."""
+    """Denoise over one UNet; holds no per-request state."""
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS):
         self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
         self.stage = model_type(unet.config)  # base, refiner or inpainting: the server's and the metrics' name
-        self.steps_run = 0  # steps completed over all requests
-        self._lock = threading.Lock()
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def describe(self) -> stage_pb2.StageDescription:
+        return stage_pb2.StageDescription(
+            model_kind=self.stage, dtype=wire_dtype(self.unet.dtype), device=str(self.device),
+            unet=unet_description(self.unet.config), scheduler_config=struct(self.scheduler_config),
+            limits=stage_pb2.StageLimits(max_steps=self.max_steps, max_side=MAX_SIDE))
 
     def Denoise(self, request_iterator, context):
         """Header and tensors in; progress per step, then the latents, out. The UNet runs on a worker thread
@@ -114,8 +122,6 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             now = time.perf_counter()
             metrics.observe_step(self.stage, now - last_step[0])
             last_step[0] = now
-            with self._lock:
-                self.steps_run += 1
             events.put(("progress", self.progress(i + 1, total, latents, job.preview)))
             return not (ended.is_set() or stop.is_set())
 
@@ -157,67 +163,60 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def prepare(self, header: denoiser_pb2.DenoiseHeader, tensors: dict) -> Job:
         """Check the header and tensors against the UNet and each other; ValueError names the field."""
         check_scalars(header, self.max_steps)
-        config, guided = self.unet.config, header.guidance_scale > 1
-        dims: dict[str, int] = {}
+        config, dims = self.unet.config, {}
         context, pooled = ("B", "L", config.cross_attention_dim), ("B", config.pooled_projection_dim)
         embeds = [expect(tensors, "prompt_embeds", context, FLOATS, dims),
-                  expect(tensors, "pooled_prompt_embeds", pooled, FLOATS, dims),
-                  expect(tensors, "negative_prompt_embeds", context, FLOATS, dims, required=guided),
-                  expect(tensors, "negative_pooled_prompt_embeds", pooled, FLOATS, dims, required=guided)]
+                  expect(tensors, "pooled_prompt_embeds", pooled, FLOATS, dims)]
         latents = expect(tensors, "latents", ("B", 4, "h", "w"), FLOATS, dims, required=False)
-        image = self.image_inputs(header, tensors, dims)
+        image = self.image_inputs(tensors, dims)
         if latents is not None and image is not None:
             raise ValueError("send `latents` (text2img) or `image_latents` / `mask` (img2img, inpaint), not both")
-        if image is None:
-            for name in ("denoising_start", "strength"):
-                if header.HasField(name):
-                    raise ValueError(f"`{name}` needs `image_latents` to start from")
+        mode = Mode.TEXT2IMG if image is None else Mode.INPAINT if image.mask is not None else Mode.IMG2IMG
+        plan = self.plan(header, mode)
+        if image is not None and image.image_latents is None and plan.needs_image_latents(config.in_channels):
+            raise ValueError("`image_latents` are required, except by an inpainting UNet at strength 1")
+        negatives = [expect(tensors, "negative_prompt_embeds", context, FLOATS, dims, required=plan.guided),
+                     expect(tensors, "negative_pooled_prompt_embeds", pooled, FLOATS, dims, required=plan.guided)]
+        if image is not None:
+            check_divides_batch(dims)
+            image = replace(image, draws=self.draws(header, dims["B"]))
+        elif header.HasField("encode_draws"):
+            raise ValueError("`encode_draws` come with `image_latents` or a `mask`")
         size = self.latent_size(header, dims)
-        if not guided:
-            embeds[2:] = [None, None]
+        embeds += negatives if plan.guided else [None, None]
         embeddings = PromptEmbeddings(*(None if e is None else e.to(self.device, self.unet.dtype) for e in embeds))
-        conditioning = Conditioning.from_prompt(embeddings, *self.time_ids(header, size, image is not None))
-        strength = _optional(header, "strength")
-        if image is not None and strength is None:
-            strength = 0.9999 if image.mask is not None else 0.3  # the pipelines' defaults
-        schedule = self.schedule(header)
-        start = _optional(header, "denoising_start")
-        first, end = denoise_range(schedule, header.num_inference_steps, start, _optional(header, "denoising_end"),
-                                   strength)
+        pixels = (header.height, header.width) if header.height and header.width else \
+            (size[0] * VAE_SCALE_FACTOR, size[1] * VAE_SCALE_FACTOR)
+        time_ids = micro_conditioning(header.micro_conditioning).time_ids(config, *pixels, from_image=image is not None)
+        conditioning = Conditioning.from_prompt(embeddings, *time_ids)
         seed = header.seed if header.HasField("seed") else secrets.randbits(63)
-        return Job(schedule, first, end, conditioning, header.guidance_scale, header.guidance_rescale, seed, latents,
-                   size, image, start is None, strength == 1.0, header.preview)
+        return Job(plan, conditioning, seed, latents, size, image, header.preview)
 
-    def schedule(self, header: denoiser_pb2.DenoiseHeader) -> Schedule:
-        """The request's schedule: the model's scheduler config with the request's overrides."""
-        config = {**self.scheduler_config, **scheduler_options(header)}
+    def plan(self, header: denoiser_pb2.DenoiseHeader, mode: Mode) -> DenoisePlan:
+        """The request's plan over this UNet and the model's scheduler config with the request's overrides."""
         try:
-            return make_schedule(header.scheduler or "euler", header.num_inference_steps, config, self.device)
-        except (TypeError, KeyError) as exc:  # a mistyped option; ValueErrors already name theirs
-            name = header.scheduler or "euler"
+            return plan_denoise(
+                self.unet.config, {**self.scheduler_config, **scheduler_options(header)}, mode,
+                num_inference_steps=header.num_inference_steps or None, scheduler=header.scheduler or None,
+                guidance_scale=_optional(header, "guidance_scale"), guidance_rescale=header.guidance_rescale,
+                strength=_optional(header, "strength"), denoising_start=_optional(header, "denoising_start"),
+                denoising_end=_optional(header, "denoising_end"), device=self.device)
+        except (TypeError, KeyError) as exc:  # a mistyped scheduler option; ValueErrors already name theirs
+            name = header.scheduler or SCHEDULER
             raise ValueError(f"`scheduler_options` do not fit scheduler {name!r}: {exc}") from None
 
-    def image_inputs(self, header, tensors: dict, dims: dict) -> EncodedImage | None:
-        """image_latents, mask and masked_image_latents checked, with the draws Vae.Encode made; None without them."""
+    def image_inputs(self, tensors: dict, dims: dict) -> EncodedImage | None:
+        """image_latents, mask and masked_image_latents checked against the UNet; None without them."""
         image_latents = expect(tensors, "image_latents", ("N", 4, "h", "w"), FLOATS, dims, required=False)
         mask = expect(tensors, "mask", ("M", 1, "h", "w"), FLOATS, dims, required=False)
         masked = expect(tensors, "masked_image_latents", ("K", 4, "h", "w"), FLOATS, dims, required=False)
-        inpainting_unet = self.unet.config.in_channels != 4
-        if inpainting_unet and (mask is None or masked is None):
+        if is_inpainting_unet(self.unet.config.in_channels) and (mask is None or masked is None):
             raise ValueError("this inpainting UNet (9 input channels) needs `mask` and `masked_image_latents`")
         if mask is None and masked is not None:
             raise ValueError("`masked_image_latents` come with a `mask`")
         if image_latents is None and mask is None:
-            if header.HasField("encode_draws"):
-                raise ValueError("`encode_draws` come with `image_latents` or a `mask`")
             return None
-        for name, letter in (("image_latents", "N"), ("mask", "M"), ("masked_image_latents", "K")):
-            if letter in dims and dims["B"] % dims[letter]:
-                raise ValueError(f"`{name}` holds {dims[letter]} images, which must divide the batch of {dims['B']}")
-        strength_1 = header.HasField("strength") and header.strength == 1.0 and not header.HasField("denoising_start")
-        if image_latents is None and not (inpainting_unet and strength_1):
-            raise ValueError("`image_latents` are required, except by an inpainting UNet at strength 1")
-        return EncodedImage(image_latents, mask, masked, self.draws(header, dims["B"]))
+        return EncodedImage(image_latents, mask, masked)
 
     def draws(self, header: denoiser_pb2.DenoiseHeader, batch_size: int) -> Draws:
         """The VAE stage's draws to skip, each count in [0, batch size]."""
@@ -242,28 +241,30 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             sides.append(value // VAE_SCALE_FACTOR)
         return sides[0], sides[1]
 
-    def time_ids(self, header, size: tuple[int, int], from_image: bool):
-        """The micro-conditioning ids as the pipeline that would run this call builds them."""
-        mc = header.micro_conditioning
-        pixels = (size[0] * VAE_SCALE_FACTOR, size[1] * VAE_SCALE_FACTOR)
-        if header.height and header.width:
-            pixels = (header.height, header.width)
-        sizes = [_size(mc, "original_size") or pixels, _coords(mc, "crops_coords_top_left"),
-                 _size(mc, "target_size") or pixels, _size(mc, "negative_original_size"),
-                 _coords(mc, "negative_crops_coords_top_left"), _size(mc, "negative_target_size")]
-        if self.unet.config.requires_aesthetics_score or from_image:
-            aesthetic = mc.aesthetic_score if mc.HasField("aesthetic_score") else 6.0
-            negative = mc.negative_aesthetic_score if mc.HasField("negative_aesthetic_score") else 2.5
-            return img2img_time_ids(self.unet.config, *sizes, aesthetic, negative)
-        return text2img_time_ids(self.unet.config, *sizes)
-
     def run(self, job: Job, on_step) -> torch.Tensor:
-        """denoise_stage on a CPU generator seeded with the request's seed (DESIGN.md "Seeds")."""
+        """The job's mode's denoise on a CPU generator seeded with the request's seed (DESIGN.md "Seeds")."""
         generator = torch.Generator("cpu").manual_seed(job.seed)
-        return denoise_stage(
-            self.unet, job.schedule, job.conditioning, job.start, job.end, job.guidance_scale, job.guidance_rescale,
-            generator, self.device, self.unet.dtype, latents=job.latents, latent_size=job.latent_size,
-            image=job.image, add_noise=job.add_noise, from_noise=job.from_noise, on_step=on_step)
+        common = dict(generator=generator, device=self.device, dtype=self.unet.dtype, on_step=on_step)
+        if job.plan.mode is Mode.TEXT2IMG:
+            return text2img_denoise(self.unet, job.plan, job.conditioning, latents=job.latents,
+                                    latent_size=job.latent_size, **common)
+        denoise = img2img_denoise if job.plan.mode is Mode.IMG2IMG else inpaint_denoise
+        return denoise(self.unet, job.plan, job.conditioning, job.image, **common)
+
+
+def check_divides_batch(dims: dict) -> None:
+    for name, letter in (("image_latents", "N"), ("mask", "M"), ("masked_image_latents", "K")):
+        if letter in dims and dims["B"] % dims[letter]:
+            raise ValueError(f"`{name}` holds {dims[letter]} images, which must divide the batch of {dims['B']}")
+
+
+def micro_conditioning(mc: denoiser_pb2.MicroConditioning) -> MicroConditioning:
+    """The wire's MicroConditioning; unset fields take the request semantics' defaults."""
+    scores = {name: getattr(mc, name) for name in ("aesthetic_score", "negative_aesthetic_score") if mc.HasField(name)}
+    return MicroConditioning(
+        _size(mc, "original_size"), _coords(mc, "crops_coords_top_left"), _size(mc, "target_size"),
+        _size(mc, "negative_original_size"), _coords(mc, "negative_crops_coords_top_left"),
+        _size(mc, "negative_target_size"), **scores)
 
 
 def _size(mc, name: str) -> tuple[int, int] | None:
@@ -292,17 +293,20 @@ def load_denoiser(model: str | Path, device: str = "cpu", dtype: str = "float32"
     return unet, read_json(root / "scheduler" / "scheduler_config.json")
 
 
+def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32") -> DenoiserServicer:
+    return DenoiserServicer(*load_denoiser(model, device, dtype))
+
+
 def make_server(servicer: DenoiserServicer, address: str = "[::]:0",
                 options: ServerOptions = ServerOptions()) -> Server:
     """A started, SERVING Denoiser server named after its UNet's type (base, refiner, inpainting)."""
-    server = Server(servicer.stage, [(denoiser_pb2_grpc.add_DenoiserServicer_to_server, servicer)],
-                    [SERVICE], address, options)
+    server = Server(servicer.stage, [(add_servicer, servicer)], [SERVICE], address, options)
     server.start()
-    server.set_serving()
+    server.set_serving(servicer.describe())
     return server
 
 
 def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
           options: ServerOptions = ServerOptions()) -> Server:
     """Load the UNet and scheduler config, then a started, SERVING Denoiser server."""
-    return make_server(DenoiserServicer(*load_denoiser(model, device, dtype)), address, options)
+    return make_server(load_servicer(model, device, dtype), address, options)

@@ -15,6 +15,10 @@ class Draining(Exception):
     """The server is shutting down and takes no new work; another replica should."""
 
 
+class Loading(Exception):
+    """The server is up but its weights are not loaded yet; retry shortly or on another replica."""
+
+
 class Cancelled(Exception):
     """The client cancelled the request; stage code raises it to stop early."""
 
@@ -31,6 +35,7 @@ class FailedPrecondition(Exception):
 _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (QueueFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Draining, grpc.StatusCode.UNAVAILABLE),
+    (Loading, grpc.StatusCode.UNAVAILABLE),
     (Cancelled, grpc.StatusCode.CANCELLED),
     (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
     (WeightsError, grpc.StatusCode.FAILED_PRECONDITION),

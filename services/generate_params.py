@@ -8,12 +8,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sdxl.v1 import orchestrator_pb2, tensor_pb2
+from sdxl_core.request import HIGH_NOISE_FRAC, Mode, from_pure_noise, guidance_scale_for, strength_for
 from sdxl_core.schedulers import SCHEDULERS
 
 from .errors import FailedPrecondition
 
 TEXT2IMG, IMG2IMG, INPAINT = orchestrator_pb2.MODE_TEXT2IMG, orchestrator_pb2.MODE_IMG2IMG, orchestrator_pb2.MODE_INPAINT
 NONE, ENSEMBLE, REFINE = orchestrator_pb2.REFINER_NONE, orchestrator_pb2.REFINER_ENSEMBLE, orchestrator_pb2.REFINER_REFINE
+MODES = {TEXT2IMG: Mode.TEXT2IMG, IMG2IMG: Mode.IMG2IMG, INPAINT: Mode.INPAINT}
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,21 @@ class Generate:
         return len(self.params.prompt) * (self.params.num_images_per_prompt or 1)
 
     @property
-    def steps(self) -> int:
-        return self.params.num_inference_steps or 50
+    def mode(self) -> Mode:
+        return MODES[self.params.mode]
 
     @property
     def guidance_scale(self) -> float:
+        return guidance_scale_for(self.mode, _value(self.params, "guidance_scale"))
+
+    @property
+    def high_noise_frac(self) -> float:
+        """The ensemble's handoff: where the base stops and the refiner starts."""
+        return handoff(self.params)
+
+    def from_pure_noise(self) -> bool:
         p = self.params
-        return p.guidance_scale if p.HasField("guidance_scale") else 7.5 if p.mode == INPAINT else 5.0
+        return from_pure_noise(self.mode, strength_for(self.mode, _value(p, "strength")), _value(p, "denoising_start"))
 
 
 def read_generate(requests: Iterable[orchestrator_pb2.GenerateRequest], limits: Limits, has_refiner: bool) -> Generate:
@@ -153,13 +163,18 @@ def _check_refiner(p, has_refiner: bool) -> None:
         raise ValueError(f"`refiner` must be REFINER_NONE, REFINER_ENSEMBLE or REFINER_REFINE, got {p.refiner}")
     if p.refiner == ENSEMBLE and p.HasField("denoising_end"):
         raise ValueError("`denoising_end` must be unset with REFINER_ENSEMBLE; set `high_noise_frac`")
-    if p.refiner == ENSEMBLE and p.HasField("denoising_start") and p.denoising_start >= _high_noise_frac(p):
-        raise ValueError(f"`denoising_start` ({p.denoising_start}) must be below `high_noise_frac` "
-                         f"({_high_noise_frac(p)})")
+    if p.refiner == ENSEMBLE and p.HasField("denoising_start") and p.denoising_start >= handoff(p):
+        raise ValueError(f"`denoising_start` ({p.denoising_start}) must be below `high_noise_frac` ({handoff(p)})")
     if p.refiner != NONE and not has_refiner:
         raise FailedPrecondition(f"{orchestrator_pb2.Refiner.Name(p.refiner)} asked for, but this orchestrator "
                                  f"has no refiner stage configured")
 
 
-def _high_noise_frac(p) -> float:
-    return p.high_noise_frac if p.HasField("high_noise_frac") else 0.8
+def handoff(p: orchestrator_pb2.GenerateParams) -> float:
+    """The ensemble's `high_noise_frac`: where the base stops and the refiner starts."""
+    return _value(p, "high_noise_frac") or HIGH_NOISE_FRAC
+
+
+def _value(message, name: str):
+    """An optional field's value, None when unset."""
+    return getattr(message, name) if message.HasField(name) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,12 +14,11 @@ import grpc
 from . import metrics
 from .admission import Admission
 from .calls import bind_request_id, ensure_active, remaining_timeout, request_id_from
-from .errors import status_for
+from .errors import Loading, status_for
 
-# Never queued, refused or logged: probes and tooling must get through a busy or draining server.
-EXEMPT_SERVICES = frozenset(
-    {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
-)
+# Never queued, refused or logged: probes, tooling and Describe must get through a busy or draining server.
+EXEMPT_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                             "grpc.reflection.v1.ServerReflection", "sdxl.v1.StageInfo"})
 
 _LINE = (
     "request_id=%(request_id)s stage=%(stage)s method=%(method)s code=%(code)s "
@@ -37,9 +37,11 @@ _KINDS = {
 class StageInterceptor(grpc.ServerInterceptor):
     """Wraps each RPC of a stage's own services; health and reflection pass through untouched."""
 
-    def __init__(self, stage: str, admission: Admission, exempt: frozenset[str] = EXEMPT_SERVICES):
+    def __init__(self, stage: str, admission: Admission, serving: threading.Event,
+                 exempt: frozenset[str] = EXEMPT_SERVICES):
         self.stage = stage
         self.admission = admission
+        self.serving = serving  # set once the weights are loaded
         self.exempt = exempt
         self.log = logging.getLogger(f"sdxl.{stage}")
 
@@ -91,6 +93,8 @@ class StageInterceptor(grpc.ServerInterceptor):
         start = admitted = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if not self.serving.is_set():
+                raise Loading("the stage is loading its weights; retry shortly")
             with self.admission.slot(lambda: ensure_active(context)):
                 admitted = time.perf_counter()
                 yield

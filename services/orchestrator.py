@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import grpc
 
@@ -21,18 +21,21 @@ from sdxl.v1 import (
     denoiser_pb2_grpc,
     orchestrator_pb2,
     orchestrator_pb2_grpc,
+    stage_pb2,
+    stage_pb2_grpc,
     tensor_pb2,
     text_encoder_pb2,
     text_encoder_pb2_grpc,
     vae_pb2,
     vae_pb2_grpc,
 )
+from sdxl_core.request import REFINER_STRENGTH, is_inpainting_unet, needs_image_latents
+from sdxl_wire.tensors import packed
 
 from .calls import call_options
 from .channels import stage_channel
 from .generate_params import ENSEMBLE, INPAINT, NONE, REFINE, TEXT2IMG, Generate, Limits, read_generate
 from .server import Server, ServerOptions
-from .tensors import packed
 from .tls import ChannelTls
 
 SERVICE = "sdxl.v1.Orchestrator"
@@ -95,7 +98,21 @@ class Run:
         try:
             yield from call
         except grpc.RpcError as error:
-            self.context.abort(error.code(), f"{name} stage: {error.details()}")
+            self.stage_failed(name, error)
+
+    def stage_failed(self, name: str, error: grpc.RpcError):
+        """Abort with the stage's code and message, the stage named."""
+        if name == "base" and error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.stubs.base_info.forget()
+        self.context.abort(error.code(), f"{name} stage: {error.details()}")
+
+    def base_model(self) -> stage_pb2.StageDescription:
+        """The base stage's description: Vae.Encode computes in its dtype and, for an inpainting UNet,
+        also encodes the masked image, so that the seed's draws are the in-process pipeline's."""
+        try:
+            return self.stubs.base_info.get(**call_options(self.context))
+        except grpc.RpcError as error:
+            self.stage_failed("base", error)
 
     def responses(self) -> Iterator[orchestrator_pb2.GenerateResponse]:
         p = self.request.params
@@ -138,12 +155,12 @@ class Run:
             yield from response.chunks
 
     def encode_image(self) -> Iterator[vae_pb2.EncodeResponse]:
-        p, base = self.request.params, self.stubs.base_model
-        inpainting = p.mode == INPAINT and base.inpainting_unet
-        from_noise = inpainting and not p.HasField("denoising_start") and p.HasField("strength") and p.strength == 1
+        p, base = self.request.params, self.base_model()
+        in_channels = base.unet.in_channels
         header = vae_pb2.EncodeHeader(
             seed=self.request.seed, height=p.height, width=p.width, batch_size=self.request.batch_size,
-            masked_image_latents=inpainting, dtype=base.wire_dtype, skip_image_latents=from_noise)
+            masked_image_latents=p.mode == INPAINT and is_inpainting_unet(in_channels), dtype=base.dtype,
+            skip_image_latents=not needs_image_latents(in_channels, self.request.from_pure_noise()))
         messages = [vae_pb2.EncodeRequest(header=header)]
         messages += [vae_pb2.EncodeRequest(image=c) for c in self.request.images]
         messages += [vae_pb2.EncodeRequest(mask_image=c) for c in self.request.masks]
@@ -151,13 +168,13 @@ class Run:
 
     def base_header(self) -> denoiser_pb2.DenoiseHeader:
         p = self.request.params
-        header = self._header(p.scheduler, self.request.steps)
+        header = self._header(p.scheduler, p.num_inference_steps)
         header.height, header.width = p.height, p.width
         for name in ("denoising_start", "strength"):
             if p.HasField(name):
                 setattr(header, name, getattr(p, name))
         if p.refiner == ENSEMBLE:
-            header.denoising_end = p.high_noise_frac if p.HasField("high_noise_frac") else 0.8
+            header.denoising_end = self.request.high_noise_frac
         elif p.HasField("denoising_end"):
             header.denoising_end = p.denoising_end
         return header
@@ -165,12 +182,12 @@ class Run:
     def refiner_header(self) -> denoiser_pb2.DenoiseHeader:
         p = self.request.params
         if p.refiner == ENSEMBLE:  # the same schedule, from the base's cut
-            header = self._header(p.scheduler, self.request.steps)
-            header.denoising_start = p.high_noise_frac if p.HasField("high_noise_frac") else 0.8
+            header = self._header(p.scheduler, p.num_inference_steps)
+            header.denoising_start = self.request.high_noise_frac
             return header
-        assert p.refiner == REFINE
-        header = self._header(p.refiner_scheduler or p.scheduler, p.refiner_steps or self.request.steps)
-        header.strength = p.refiner_strength if p.HasField("refiner_strength") else 0.3
+        assert p.refiner == REFINE  # img2img on the base's latents: unset strength is the refiner's default
+        header = self._header(p.refiner_scheduler or p.scheduler, p.refiner_steps or p.num_inference_steps)
+        header.strength = p.refiner_strength if p.HasField("refiner_strength") else REFINER_STRENGTH
         return header
 
     def _header(self, scheduler: str, steps: int) -> denoiser_pb2.DenoiseHeader:
@@ -219,25 +236,38 @@ def _prefixed(target: str) -> dict[str, str]:
     return {f"{target}/{name}": name for name in PROMPT_NAMES}
 
 
-@dataclass(frozen=True)
-class BaseModel:
-    """What Vae.Encode must know of the base's UNet to draw as the in-process pipeline does."""
+class Described:
+    """A stage's StageInfo.Describe answer: asked when first needed, and again once older than `max_age_s` or
+    after a call to the stage failed UNAVAILABLE (a replica went away; the next may hold other weights)."""
 
-    dtype: str = "float32"  # the base stage's --dtype
-    inpainting_unet: bool = False  # a 9-channel inpainting UNet: encode the masked image too
+    def __init__(self, channel: grpc.Channel, max_age_s: float = 30.0):
+        self.stub = stage_pb2_grpc.StageInfoStub(channel)
+        self.max_age_s = max_age_s
+        self._lock = threading.Lock()
+        self._description: stage_pb2.StageDescription | None = None
+        self._asked_at = 0.0
 
-    @property
-    def wire_dtype(self) -> int:
-        return tensor_pb2.DType.Value(f"DTYPE_{self.dtype.upper()}")
+    def get(self, **call_options) -> stage_pb2.StageDescription:
+        with self._lock:
+            if self._description is not None and time.monotonic() - self._asked_at < self.max_age_s:
+                return self._description
+        description = self.stub.Describe(stage_pb2.DescribeRequest(), **call_options)
+        with self._lock:
+            self._description, self._asked_at = description, time.monotonic()
+        return description
+
+    def forget(self) -> None:
+        with self._lock:
+            self._description = None
 
 
 class Stubs:
     """One channel per stage, shared by every Generate."""
 
     def __init__(self, text_encoder: str, base: str, refiner: str | None, vae: str, max_message_bytes: int,
-                 base_model: BaseModel = BaseModel(), tls: ChannelTls | None = None):
-        self.base_model = base_model
+                 tls: ChannelTls | None = None):
         self.channels = [stage_channel(a, max_message_bytes, tls) for a in (text_encoder, base, vae)]
+        self.base_info = Described(self.channels[1])  # what Vae.Encode must know of the base's UNet
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderStub(self.channels[0])
         self.base = denoiser_pb2_grpc.DenoiserStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeStub(self.channels[2])
@@ -270,12 +300,11 @@ def build(
     address: str = "[::]:0",
     options: ServerOptions = OPTIONS,
     limits: Limits = Limits(),
-    base_model: BaseModel = BaseModel(),
     stage_tls: ChannelTls | None = None,
 ) -> Server:
     """A started, SERVING orchestrator over the stages at these addresses ("h1:p1,h2:p2" or "dns:///name:port"),
     calling them over TLS with `stage_tls`."""
-    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, base_model, stage_tls)
+    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, stage_tls)
     handler = (orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, OrchestratorServicer(stubs, limits))
     server = Server("orchestrator", [handler], [SERVICE], address, options, on_stop=stubs.close)
     server.start()

@@ -15,7 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import metrics
+from sdxl.v1 import stage_pb2, stage_pb2_grpc
+from sdxl_wire import MAX_MESSAGE_BYTES
+
+from . import describe, metrics
 from .admission import Admission
 from .interceptors import StageInterceptor
 from .tls import ServerTls
@@ -30,7 +33,7 @@ _FLUSH_S = 1.0  # after in-flight work is done, time for its last responses to g
 class ServerOptions:
     """How a stage server listens, bounds its work and shuts down."""
 
-    max_message_bytes: int = 64 * 2**20  # tensors come in 1 MiB chunks, but whole images (PNG in or out) may not
+    max_message_bytes: int = MAX_MESSAGE_BYTES
     max_concurrency: int = 1  # one model on one device: requests take turns unless a stage batches them
     max_queue: int = 4
     grace_s: float = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds, so we exit before SIGKILL
@@ -67,8 +70,23 @@ class ServerOptions:
         ]
 
 
+class Pending:
+    """Stands in for a servicer while the weights load, so the server can listen first: each method forwards
+    to `servicer` once it is set (the interceptor lets no call through before the server is SERVING)."""
+
+    def __init__(self):
+        self.servicer = None
+
+    def __getattr__(self, name: str):
+        def forward(request, context):
+            return getattr(self.servicer, name)(request, context)
+
+        return forward
+
+
 class Server:
-    """One stage's gRPC server; health reads NOT_SERVING until set_serving()."""
+    """One stage's gRPC server; health reads NOT_SERVING, and every call but health, reflection and Describe
+    UNAVAILABLE, until set_serving()."""
 
     def __init__(
         self,
@@ -86,12 +104,14 @@ class Server:
         self.admission = Admission(options.max_concurrency, options.max_queue)
         metrics.track_admission(stage, lambda: self.admission.waiting, lambda: self.admission.running)
         self.health = health.HealthServicer()
+        self.info = describe.StageInfoServicer()
         self.log = logging.getLogger(f"sdxl.{stage}")
         self._stopped = threading.Event()
+        self.serving = threading.Event()
         workers = options.max_concurrency + options.max_queue + options.extra_threads
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sdxl-{stage}"),
-            interceptors=[StageInterceptor(stage, self.admission)],
+            interceptors=[StageInterceptor(stage, self.admission, self.serving)],
             options=options.grpc_options(),
         )
         for handler in handlers:
@@ -101,8 +121,9 @@ class Server:
                 add, servicer = handler
                 add(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        stage_pb2_grpc.add_StageInfoServicer_to_server(self.info, self._server)
         reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (*self.service_names, describe.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if options.tls is None:
@@ -130,8 +151,17 @@ class Server:
         self.log.info("stage %s listening on port %d", self.stage, self.port)
         return self.port
 
-    def set_serving(self) -> None:
-        """Report SERVING for every service; call once the weights are loaded."""
+    def set_serving(self, description: stage_pb2.StageDescription | None = None) -> None:
+        """Serve, and report SERVING for every service; call once the weights are loaded. `description` is what
+        the servicer says of its model; the server adds its own stage name, limits and version."""
+        info = stage_pb2.StageDescription(stage=self.stage, version=describe.package_version())
+        info.limits.MergeFrom(stage_pb2.StageLimits(
+            max_concurrency=self.options.max_concurrency, max_queue=self.options.max_queue,
+            max_message_bytes=self.options.max_message_bytes))
+        if description is not None:
+            info.MergeFrom(description)
+        self.info.description = info
+        self.serving.set()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _set_health(self, status: int) -> None:
@@ -178,24 +208,3 @@ class Server:
     def __exit__(self, *exc) -> None:
         if not self._stopped.is_set():
             self.stop(0)
-
-
-def serve(
-    stage: str,
-    handlers: Iterable[Handler],
-    service_names: Sequence[str],
-    address: str,
-    options: ServerOptions = ServerOptions(),
-    load: Callable[[], None] | None = None,
-) -> None:
-    """Run a stage process: listen (NOT_SERVING), load(), SERVING, and drain on SIGTERM."""
-    server = Server(stage, handlers, service_names, address, options)
-    server.start()
-    try:
-        if load is not None:
-            load()
-    except BaseException:
-        server.stop(0)
-        raise
-    server.set_serving()
-    server.run_until_signal()

@@ -1,19 +1,23 @@
-"""One stage process: `python -m sdxl_services STAGE [options]` builds the stage's server and serves until SIGTERM."""
+"""One stage process: `python -m sdxl_services STAGE [options]` listens, loads its weights, then serves until
+SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from sdxl_core.loading.hub import is_hub_id
+from sdxl_wire import FLOAT_DTYPES
 
 from . import allocator, logs, metrics
-from .server import Server, ServerOptions
+from .server import Pending, Server, ServerOptions
 from .tls import ChannelTls, ServerTls
 
 STAGES = ("text_encoder", "base", "refiner", "vae", "orchestrator")
-DTYPES = ("float32", "float16", "bfloat16")
+MODULES = {"text_encoder": "text_encoder", "base": "denoiser", "refiner": "denoiser", "vae": "vae"}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -21,8 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("stage", choices=STAGES)
     parser.add_argument("--model", help="diffusers folder or single file; default: the tiny model")
     parser.add_argument("--refiner-model", help="text_encoder: the refiner's model, for its bigG")
+    parser.add_argument("--vae-model", help="vae: a VAE alone (folder or single file) in place of --model's")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
     parser.add_argument("--address", default="[::]:50051", help="HOST:PORT to listen on (port 0: any free port)")
     parser.add_argument("--max-concurrency", type=int, help="requests running at once (default: 1, orchestrator 64)")
     parser.add_argument("--max-queue", type=int, help="requests waiting beyond those (default: 4, orchestrator 64)")
@@ -41,10 +46,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                      help="orchestrator: the name the stages' certificates carry, if not the target's host name")
     for stage in ("text-encoder", "base", "refiner", "vae"):
         parser.add_argument(f"--{stage}", help=f"orchestrator: the {stage} stage, 'h1:p1,h2:p2' or 'dns:///name:port'")
-    parser.add_argument("--base-dtype", default="float32", choices=DTYPES,
-                        help="orchestrator: the base stage's --dtype, which Vae.Encode computes in")
-    parser.add_argument("--base-inpainting", action="store_true",
-                        help="orchestrator: the base stage serves a 9-channel inpainting UNet")
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -85,7 +86,7 @@ def stage_tls(args: argparse.Namespace) -> ChannelTls | None:
 
 def check_models(args: argparse.Namespace) -> None:
     """Fail before listening when a model path is absent (an unfilled volume, a typo), naming the flag."""
-    for flag in ("model", "refiner_model"):
+    for flag in ("model", "refiner_model", "vae_model"):
         path = getattr(args, flag)
         if path and not is_hub_id(path) and not Path(path).exists():
             raise SystemExit(f"{args.stage}: --{flag.replace('_', '-')} {path} does not exist. Fill the model volume "
@@ -93,45 +94,64 @@ def check_models(args: argparse.Namespace) -> None:
                              f"like org/name.")
 
 
-def build(args: argparse.Namespace) -> Server:
-    """The stage's started, SERVING server; a missing --model means the tiny default model."""
+def load(args: argparse.Namespace):
+    """The stage's servicer with its weights loaded; a missing --model means the tiny default model."""
+    common = dict(device=args.device, dtype=args.dtype)
+    if args.stage == "text_encoder":
+        from .text_encoder import load_servicer
+
+        refiner = args.refiner_model or (None if args.model else _tiny("refiner"))
+        return load_servicer(args.model or _tiny("base"), refiner, **common)
+    if args.stage == "vae":
+        from .vae import load_servicer
+
+        return load_servicer(args.vae_model or args.model or _tiny("base"), **common)
+    from .denoiser import load_servicer
+
+    return load_servicer(args.model or _tiny(args.stage), **common)
+
+
+def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
+    """The stage's server, started and NOT_SERVING, and the function that loads its weights and makes it SERVING.
+    The orchestrator holds no weights: it comes back SERVING, with a function that does nothing."""
     check_models(args)
     options = server_options(args)
-    common = dict(device=args.device, dtype=args.dtype, address=args.address, options=options)
     if args.stage == "orchestrator":
-        from .orchestrator import BaseModel
         from .orchestrator import build as build_orchestrator
 
         missing = [f"--{s}" for s in ("text_encoder", "base", "vae") if not getattr(args, s)]
         if missing:
             raise SystemExit(f"orchestrator needs {', '.join(m.replace('_', '-') for m in missing)}")
-        base_model = BaseModel(args.base_dtype, args.base_inpainting)
-        return build_orchestrator(args.text_encoder, args.base, args.refiner, args.vae, args.address, options,
-                                  base_model=base_model, stage_tls=stage_tls(args))
-    if args.stage == "text_encoder":
-        from .text_encoder import build as build_text_encoder
+        server = build_orchestrator(args.text_encoder, args.base, args.refiner, args.vae, args.address, options,
+                                    stage_tls=stage_tls(args))
+        return server, lambda: None
+    module = importlib.import_module(f"{__package__}.{MODULES[args.stage]}")
+    pending = Pending()
+    server = Server(args.stage, [(module.add_servicer, pending)], [module.SERVICE], args.address, options)
+    server.start()
 
-        model = args.model or _tiny("base")
-        refiner = args.refiner_model or (None if args.model else _tiny("refiner"))
-        return build_text_encoder(model, refiner, **common)
-    if args.stage == "vae":
-        from .vae import build as build_vae
+    def load_weights() -> None:
+        pending.servicer = load(args)
+        description = pending.servicer.describe()
+        description.model = args.vae_model or args.model or "tiny"
+        server.set_serving(description)
+        metrics.model_loaded(args.stage, description.model, args.device, args.dtype)
 
-        return build_vae(args.model or _tiny("base"), **common)
-    from .denoiser import build as build_denoiser
-
-    return build_denoiser(args.model or _tiny(args.stage), **common)
+    return server, load_weights
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Configure logging, build the stage, print its "listening" line, serve until SIGTERM."""
+    """Listen (health NOT_SERVING), print the "listening" line, load the weights, SERVING, serve until SIGTERM."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure()
     allocator.keep_message_buffers()
-    server = build(args)
-    if args.stage != "orchestrator":
-        metrics.model_loaded(args.stage, args.model or "tiny", args.device, args.dtype)
+    server, load_weights = open_stage(args)
     host = args.address.rsplit(":", 1)[0]
     print(f"{args.stage} listening on {host}:{server.port}", flush=True)
+    try:
+        load_weights()
+    except BaseException:
+        server.stop(0)
+        raise
     server.run_until_signal()
     return 0

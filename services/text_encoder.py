@@ -8,22 +8,22 @@ from pathlib import Path
 
 import torch
 
-from sdxl.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+from sdxl.v1 import stage_pb2, text_encoder_pb2, text_encoder_pb2_grpc
 from sdxl_core.loading import load_single_file, load_text_encoder
 from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings, encode_prompt
 from sdxl_core.tokenizers import load_tokenizer
+from sdxl_wire.tensors import DTYPES, packed_chunks, wire_dtype
 
 from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import packed_chunks
 
 SERVICE = "sdxl.v1.TextEncoder"
+add_servicer = text_encoder_pb2_grpc.add_TextEncoderServicer_to_server
 MAX_BATCH = 64  # prompts x num_images_per_prompt: far above any UNet batch, bounds the work of one call
 TARGET_NAMES = {text_encoder_pb2.TARGET_BASE: "base", text_encoder_pb2.TARGET_REFINER: "refiner"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,12 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
     def __init__(self, encoders: dict[int, Encoders]):
         self.encoders = encoders
 
+    def describe(self) -> stage_pb2.StageDescription:
+        base = self.encoders[text_encoder_pb2.TARGET_BASE]
+        return stage_pb2.StageDescription(
+            model_kind="text_encoder", dtype=wire_dtype(base.dtype), device=str(base.device),
+            targets=[TARGET_NAMES[t] for t in self.encoders], limits=stage_pb2.StageLimits(max_images=MAX_BATCH))
+
     def EncodePrompt(self, request, context) -> Iterator[text_encoder_pb2.EncodePromptResponse]:
         tensors = {}
         for target in check_request(request, self.encoders):
@@ -110,6 +116,15 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             yield text_encoder_pb2.EncodePromptResponse(chunks=chunks)
 
 
+def load_servicer(model: str | Path, refiner_model: str | Path | None = None, device: str = "cpu",
+                  dtype: str = "float32") -> TextEncoderServicer:
+    """The base's (and the refiner's) text encoders."""
+    encoders = {text_encoder_pb2.TARGET_BASE: load_encoders(model, device, dtype)}
+    if refiner_model is not None:
+        encoders[text_encoder_pb2.TARGET_REFINER] = load_encoders(refiner_model, device, dtype)
+    return TextEncoderServicer(encoders)
+
+
 def build(
     model: str | Path,
     refiner_model: str | Path | None = None,
@@ -119,11 +134,8 @@ def build(
     options: ServerOptions = ServerOptions(),
 ) -> Server:
     """Load the base's (and the refiner's) text encoders and return a started, SERVING server."""
-    encoders = {text_encoder_pb2.TARGET_BASE: load_encoders(model, device, dtype)}
-    if refiner_model is not None:
-        encoders[text_encoder_pb2.TARGET_REFINER] = load_encoders(refiner_model, device, dtype)
-    handler = (text_encoder_pb2_grpc.add_TextEncoderServicer_to_server, TextEncoderServicer(encoders))
-    server = Server("text_encoder", [handler], [SERVICE], address, options)
+    servicer = load_servicer(model, refiner_model, device, dtype)
+    server = Server("text_encoder", [(add_servicer, servicer)], [SERVICE], address, options)
     server.start()
-    server.set_serving()
+    server.set_serving(servicer.describe())
     return server

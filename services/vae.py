@@ -4,65 +4,43 @@ over sdxl_core.stages' decode_stage, encode_image_stage and encode_inpaint_stage
 
 from __future__ import annotations
 
-import io
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 
-from sdxl.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
-from sdxl_client.images import ImageAssembler, to_png
-from sdxl_client.images import chunk as image_chunks
+from sdxl.v1 import stage_pb2, vae_pb2, vae_pb2_grpc
 from sdxl_core.latents import VAE_SCALE_FACTOR, preprocess_image
-from sdxl_core.loading import load_single_file, load_vae
-from sdxl_core.loading.hub import model_folder
+from sdxl_core.loading import load_vae
 from sdxl_core.masks import check_mask_matches, preprocess_mask
 from sdxl_core.stages import EncodedImage, decode_stage, encode_image_stage, encode_inpaint_stage
 from sdxl_core.watermark import watermark_available
+from sdxl_wire.images import ImageAssembler, open_image, to_png
+from sdxl_wire.images import chunk as image_chunks
+from sdxl_wire.tensors import (
+    DTYPES,
+    FLOATS,
+    TensorAssembler,
+    expect,
+    packed_chunks,
+    read_header_stream,
+    to_proto_chunks,
+    wire_dtype,
+    wire_float_dtype,
+)
 
 from . import metrics
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
-from .tensors import FLOATS, TensorAssembler, expect, packed_chunks, read_header_stream, to_proto_chunks
 
 SERVICE = "sdxl.v1.Vae"
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WIRE_FLOATS = {tensor_pb2.DTYPE_FLOAT32: torch.float32, tensor_pb2.DTYPE_FLOAT16: torch.float16,
-               tensor_pb2.DTYPE_BFLOAT16: torch.bfloat16}
+add_servicer = vae_pb2_grpc.add_VaeServicer_to_server
 MAX_IMAGES = 64  # images (or masks) per call
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding: refuses decompression bombs
 MAX_ENCODED_BYTES = 64 * 2**20  # per encoded image
-FORMATS = ("PNG", "JPEG")
-
-
-def wire_float_dtype(name: str, value: int) -> torch.dtype:
-    """A header's DType field as a float torch dtype; unset means float32."""
-    if value == tensor_pb2.DTYPE_UNSPECIFIED:
-        return torch.float32
-    if value not in WIRE_FLOATS:
-        raise ValueError(f"`{name}` must be FLOAT32, FLOAT16 or BFLOAT16, got {value}")
-    return WIRE_FLOATS[value]
-
-
-def _wire(dtype: torch.dtype) -> int:
-    return {v: k for k, v in WIRE_FLOATS.items()}[dtype]
-
-
-def open_image(data: bytes, name: str, mode: str) -> PIL.Image.Image:
-    """PNG or JPEG bytes -> a loaded PIL image; corrupt bytes and images over MAX_IMAGE_PIXELS are a ValueError."""
-    try:
-        image = PIL.Image.open(io.BytesIO(data), formats=FORMATS)
-        if image.width * image.height > MAX_IMAGE_PIXELS:  # from the header, before the pixels are decoded
-            raise ValueError(f"`{name}` is {image.width}x{image.height} pixels, over the limit of "
-                             f"{MAX_IMAGE_PIXELS} pixels")
-        image.load()
-    except (OSError, SyntaxError, PIL.Image.DecompressionBombError) as exc:
-        raise ValueError(f"`{name}` is not a readable PNG or JPEG image: {exc}") from None
-    return image if image.mode == mode else image.convert(mode)
 
 
 @dataclass
@@ -109,7 +87,7 @@ def image_inputs(inputs: EncodeInputs, name: str, mode: str):
             raise ValueError(f"tensor {name!r} of shape {tuple(tensor.shape)} is over the limits of {MAX_IMAGES} "
                              f"images and {MAX_IMAGE_PIXELS} pixels each")
         return tensor.numpy().astype(np.float32) / 255  # as an array in [0, 1] given to the pipeline
-    return [open_image(data, f"{name}[{i}]", mode) for i, data in enumerate(encoded)] or None
+    return [open_image(data, f"{name}[{i}]", mode, MAX_IMAGE_PIXELS) for i, data in enumerate(encoded)] or None
 
 
 def check_encode_header(header: vae_pb2.EncodeHeader, with_mask: bool) -> None:
@@ -134,6 +112,11 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
 
     def __init__(self, vae: torch.nn.Module):
         self.vae = vae
+
+    def describe(self) -> stage_pb2.StageDescription:
+        return stage_pb2.StageDescription(
+            model_kind="vae", dtype=wire_dtype(self.vae.dtype), device=str(self.device),
+            limits=stage_pb2.StageLimits(max_images=MAX_IMAGES))
 
     def Decode(self, request_iterator, context):
         """Latents in; PNG images or the uint8 tensor "images" out, watermarked unless turned off."""
@@ -168,7 +151,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         encoded = self.encode(inputs)
         draws = vae_pb2.EncodeDraws(image_samples=encoded.draws.image_samples,
                                     masked_image_samples=encoded.draws.masked_image_samples,
-                                    dtype=_wire(encoded.draws.dtype))
+                                    dtype=wire_dtype(encoded.draws.dtype))
         tensors = {name: getattr(encoded, name) for name in ("image_latents", "mask", "masked_image_latents")}
         for chunks in packed_chunks({name: t for name, t in tensors.items() if t is not None}):
             yield vae_pb2.EncodeResponse(chunks=chunks, draws=draws)
@@ -203,23 +186,26 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
 
 
 def load_vae_model(model: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
-    """The VAE of a diffusers folder or an original single file; nothing else is read from a folder."""
+    """The VAE of a diffusers folder or an original single file, or a VAE alone (folder or file); nothing else
+    is read (sdxl_core.loading.load_vae)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if Path(model).is_file():
-        return load_single_file(model, torch_dtype=DTYPES[dtype], device=device).vae
-    return load_vae(model_folder(model) / "vae", DTYPES[dtype], device=device)
+    return load_vae(model, DTYPES[dtype], device=device)
+
+
+def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32") -> VaeServicer:
+    return VaeServicer(load_vae_model(model, device, dtype))
 
 
 def make_server(servicer: VaeServicer, address: str = "[::]:0", options: ServerOptions = ServerOptions()) -> Server:
     """A started, SERVING Vae server over a servicer whose model is loaded."""
-    server = Server("vae", [(vae_pb2_grpc.add_VaeServicer_to_server, servicer)], [SERVICE], address, options)
+    server = Server("vae", [(add_servicer, servicer)], [SERVICE], address, options)
     server.start()
-    server.set_serving()
+    server.set_serving(servicer.describe())
     return server
 
 
 def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
           options: ServerOptions = ServerOptions()) -> Server:
     """Load the VAE, then a started, SERVING Vae server."""
-    return make_server(VaeServicer(load_vae_model(model, device, dtype)), address, options)
+    return make_server(load_servicer(model, device, dtype), address, options)

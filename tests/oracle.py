@@ -12,8 +12,8 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
-# The official SDXL configs, beside the checkout (../shared/reference), as in CI.
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# The official SDXL configs, copied into the repository (tests/data/reference/README.md names their source).
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 
 # Our scheduler names -> the diffusers scheduler class and the from_config overrides that make it.
 DIFFUSERS_SCHEDULERS = {

@@ -4,15 +4,19 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from sdxl_core.configs import TINY_BASE_UNET
+from sdxl_core.latents import VAE_SCALE_FACTOR
 from sdxl_core.loading import load_components
 from sdxl_core.loading.folder import save_components
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+INIT_SIZE = (64, 64)  # init.png and mask.png, which the img2img and inpainting examples open
 
 
 def with_fp16_variant(source: Path, target: Path) -> Path:
@@ -51,6 +55,17 @@ def localize(code: str, models: dict[str, str]) -> str:
     return code.replace("torch_dtype=torch.float16", "torch_dtype=torch.float32")
 
 
+def asked_size(code: str) -> tuple[int, int]:
+    """(width, height) of an example's image: its height= and width=, else init.png's, else the model's default."""
+    height, width = (re.search(rf"\b{name}=(\d+)", code) for name in ("height", "width"))
+    if height and width:
+        return int(width[1]), int(height[1])
+    if "init_image" in code:
+        return INIT_SIZE
+    side = TINY_BASE_UNET.sample_size * VAE_SCALE_FACTOR
+    return side, side
+
+
 def test_the_readme_has_every_example_of_the_sdxl_usage_page():
     code = "\n".join(BLOCKS)
     for usage in ["SDXLPipeline.from_pretrained", "SDXLImg2ImgPipeline", "SDXLInpaintPipeline", "denoising_end=",
@@ -65,11 +80,14 @@ def test_readme_example_runs(code, models, tiny_model_dir, tmp_path, monkeypatch
         code = code.replace('"localhost:50051"', repr(request.getfixturevalue("orchestrator_address")))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SDXL_MODEL_DIR", str(tiny_model_dir))
-    Image.new("RGB", (64, 64), (120, 80, 40)).save("init.png")
-    mask = Image.new("RGB", (64, 64))
+    Image.new("RGB", INIT_SIZE, (120, 80, 40)).save("init.png")
+    mask = Image.new("RGB", INIT_SIZE)
     mask.paste((255, 255, 255), (16, 16, 48, 48))
     mask.save("mask.png")
     namespace = {}
     exec(compile(localize(code, models), "README.md", "exec"), namespace)
-    if "image" in namespace:  # every pipeline example ends with an image, as in the diffusers docs
-        assert isinstance(namespace["image"], Image.Image)
+    image = namespace["result"].images[0] if "sdxl_client" in code else namespace.get("image")
+    if image is not None:  # every pipeline example ends with an image, as in the diffusers docs
+        assert isinstance(image, Image.Image)
+        assert (image.size, image.mode) == (asked_size(code), "RGB")
+        assert np.asarray(image).std() > 0, "a constant image"

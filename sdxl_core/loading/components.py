@@ -10,6 +10,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from sdxl_core.configs import TextEncoderConfig, UNetConfig, VAEConfig
 from sdxl_core.errors import UnknownModelTypeError
 from sdxl_core.loading.strict import meta_init
+from sdxl_core.request import LATENT_CHANNELS, is_inpainting_unet
 from sdxl_core.text_encoders import build_text_encoder
 from sdxl_core.unet import UNet
 from sdxl_core.vae import AutoencoderKL
@@ -43,9 +44,9 @@ class SDXLComponents:
 
 def model_type(config: UNetConfig) -> str:
     """9 input channels make an inpainting UNet; 5 time ids (aesthetic score) a refiner."""
-    if config.in_channels == 9:
+    if is_inpainting_unet(config.in_channels):
         return "inpainting"
-    if config.in_channels != 4:
+    if config.in_channels != LATENT_CHANNELS:
         raise UnknownModelTypeError(f"no SDXL model type has a UNet with {config.in_channels} input channels (4 or 9)")
     return "refiner" if config.num_time_ids == 5 else "base"
 

@@ -77,21 +77,21 @@ def load_components(
 
 def load_unet(folder: str | Path, torch_dtype=None, variant=None, device="cpu", allow_pickle=False):
     """A UNet from a diffusers unet/ folder (config.json + weights)."""
-    model = empty_unet(_read_config(folder, UNetConfig.from_diffusers))
+    model = empty_unet(read_config(folder, UNetConfig.from_diffusers))
     specs, source = _read_weights(folder, DIFFUSERS_WEIGHTS, variant, allow_pickle)
     return load_strict(model, specs, source, torch_dtype or torch.float32, device).eval()
 
 
 def load_vae(folder: str | Path, torch_dtype=None, variant=None, device="cpu", allow_pickle=False):
-    """An AutoencoderKL from a diffusers vae/ folder, e.g. an fp16-fixed VAE on its own."""
-    model = empty_vae(_read_config(folder, VAEConfig.from_diffusers))
+    """An AutoencoderKL from a diffusers vae/ folder; standalone.load_vae also takes a single file or hub id."""
+    model = empty_vae(read_config(folder, VAEConfig.from_diffusers))
     specs, source = _read_weights(folder, DIFFUSERS_WEIGHTS, variant, allow_pickle)
     return load_strict(model, specs, source, torch_dtype or torch.float32, device).eval()
 
 
 def load_text_encoder(folder: str | Path, torch_dtype=None, variant=None, device="cpu", allow_pickle=False):
     """CLIPTextModel or CLIPTextModelWithProjection from a transformers text_encoder[_2]/ folder."""
-    model = empty_text_encoder(_read_config(folder, TextEncoderConfig.from_diffusers))
+    model = empty_text_encoder(read_config(folder, TextEncoderConfig.from_diffusers))
     specs, source = _read_weights(folder, TRANSFORMERS_WEIGHTS, variant, allow_pickle)
     specs = text_encoder_specs(model, specs)
     return load_strict(model, specs, source, torch_dtype or torch.float32, device).eval()
@@ -126,7 +126,7 @@ def _text_model_prefix(model: nn.Module) -> str:
     return "text_model." if hasattr(model, "text_model") else ""
 
 
-def _read_config(folder: str | Path, from_diffusers: Callable[[dict], Any]):
+def read_config(folder: str | Path, from_diffusers: Callable[[dict], Any]):
     path = Path(folder) / "config.json"
     try:
         return from_diffusers(read_json(path))
@@ -148,10 +148,10 @@ def _is_listed(index: dict, name: str) -> bool:
 
 def _check_compatible(root: Path, index: dict, has_text_encoder: bool) -> None:
     """The UNet's context must be the text encoders' hidden states, concatenated."""
-    unet = _read_config(root / "unet", UNetConfig.from_diffusers)
-    widths = [_read_config(root / "text_encoder_2", TextEncoderConfig.from_diffusers).hidden_size]
+    unet = read_config(root / "unet", UNetConfig.from_diffusers)
+    widths = [read_config(root / "text_encoder_2", TextEncoderConfig.from_diffusers).hidden_size]
     if has_text_encoder:
-        widths.insert(0, _read_config(root / "text_encoder", TextEncoderConfig.from_diffusers).hidden_size)
+        widths.insert(0, read_config(root / "text_encoder", TextEncoderConfig.from_diffusers).hidden_size)
     if sum(widths) != unet.cross_attention_dim:
         raise ModelTypeMismatchError(
             f"{root}: the UNet's cross_attention_dim is {unet.cross_attention_dim}, but the text encoders "
@@ -188,13 +188,27 @@ def find_weights(folder: Path, names: tuple[str, str], variant: str | None) -> P
     """The weight file of a component folder: safetensors first, sharded or not, then pickle."""
     if not folder.is_dir():
         raise WeightsNotFoundError(f"folder not found: {folder}")
-    safetensors_name, pickle_name = names
-    plain = [safetensors_name, f"{safetensors_name}.index.json", pickle_name, f"{pickle_name}.index.json"]
+    plain = _plain_names(names)
     candidates = [add_variant(name, variant) for name in plain]
     for name in candidates:
         if (folder / name).is_file():
             return folder / name
     raise WeightsNotFoundError(_no_weights_message(folder, plain, candidates, variant))
+
+
+def sole_variant(folder: Path, names: tuple[str, str]) -> str | None:
+    """The variant a folder without plain weights holds, if it holds just one ("fp16" for
+    diffusion_pytorch_model.fp16.safetensors alone); else None."""
+    plain = _plain_names(names)
+    if not folder.is_dir() or any((folder / name).is_file() for name in plain):
+        return None
+    present = {_variant_of(p.name, plain) for p in folder.iterdir()} - {None, "(none)"}
+    return present.pop() if len(present) == 1 else None
+
+
+def _plain_names(names: tuple[str, str]) -> list[str]:
+    safetensors_name, pickle_name = names
+    return [safetensors_name, f"{safetensors_name}.index.json", pickle_name, f"{pickle_name}.index.json"]
 
 
 def _no_weights_message(folder: Path, plain: list[str], candidates: list[str], variant: str | None) -> str:

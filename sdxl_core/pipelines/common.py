@@ -7,18 +7,21 @@ so threads may share one pipeline (unlike diffusers, whose pipelines store per-c
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from sdxl_core.latents import VAE_SCALE_FACTOR, check_output_type
-from sdxl_core.loading import SDXLComponents, load_components, load_single_file
+from sdxl_core.denoise import Conditioning
+from sdxl_core.latents import VAE_SCALE_FACTOR
+from sdxl_core.loading import SDXLComponents, load_components, load_single_file, standalone
 from sdxl_core.loading.folder import load_text_encoder, load_unet, load_vae, read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.offload import enable_model_cpu_offload
 from sdxl_core.prompts import Prompt, PromptEmbeddings, encode_prompt
+from sdxl_core.request import DenoisePlan, MicroConditioning, Mode, plan_denoise
 from sdxl_core.stages import decode_stage
 from sdxl_core.tokenizers import load_tokenizer
 from sdxl_core.watermark import watermark_available
@@ -43,16 +46,6 @@ def resolve_generator(generator: GeneratorLike, seed: int | None) -> GeneratorLi
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ValueError(f"`seed` must be an integer, got {seed!r}")
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def check_steps(num_inference_steps: int) -> None:
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}")
-
-
-def check_common(num_inference_steps: int, output_type: str) -> None:
-    check_steps(num_inference_steps)
-    check_output_type(output_type)
 
 
 def check_size(name: str, value: int) -> None:
@@ -86,6 +79,15 @@ def load_missing(path: str | Path, given: dict[str, Any], torch_dtype, variant, 
     )
 
 
+def load_given(components: dict[str, Any], torch_dtype, device) -> dict[str, Any]:
+    """Passed components as they are, but a `vae` given as a path (a VAE folder, single file or hub id)
+    loaded at the pipeline's dtype and device, as diffusers users pass AutoencoderKL.from_pretrained(...)."""
+    vae = components.get("vae")
+    if isinstance(vae, (str, PathLike)):
+        return components | {"vae": standalone.load_vae(vae, torch_dtype=torch_dtype, device=device)}
+    return components
+
+
 class PipelineBase:
     """Components and settings of an SDXL pipeline; subclasses add `__call__`."""
 
@@ -115,18 +117,24 @@ class PipelineBase:
     @classmethod
     def from_pretrained(cls, path: str | Path, torch_dtype: torch.dtype | None = None, variant: str | None = None,
                         device: torch.device | str = "cpu", add_watermarker: bool | None = None, **components):
-        """Load a diffusers folder; components passed by name (e.g. vae=base.vae) are shared, not loaded."""
+        """Load a diffusers folder; components passed by name (e.g. vae=base.vae) are shared, not loaded.
+
+        `vae` may also be a path or hub id of a VAE alone (a folder or single file, as
+        sdxl_core.loading.load_vae reads it), loaded at `torch_dtype` on `device`.
+        """
         unknown = set(components) - set(COMPONENTS)
         if unknown:
             raise TypeError(f"unknown component(s) {sorted(unknown)}; components are {COMPONENTS}")
-        return cls.from_components(load_missing(path, components, torch_dtype, variant, device), add_watermarker)
+        given = load_given(components, torch_dtype, device)
+        return cls.from_components(load_missing(path, given, torch_dtype, variant, device), add_watermarker)
 
     @classmethod
     def from_single_file(cls, path: str | Path, torch_dtype: torch.dtype | None = None, config: str | Path | None = None,
                          device: torch.device | str = "cpu", add_watermarker: bool | None = None, **components):
-        """Load an original checkpoint (sd_xl_base_1.0.safetensors); passed components replace loaded ones."""
+        """Load an original checkpoint (sd_xl_base_1.0.safetensors); passed components (a `vae` path too) replace
+        loaded ones."""
         loaded = load_single_file(path, torch_dtype=torch_dtype, device=device, config=config)
-        return cls.from_components(loaded, add_watermarker, **components)
+        return cls.from_components(loaded, add_watermarker, **load_given(components, torch_dtype, device))
 
     @property
     def models(self) -> list[torch.nn.Module]:
@@ -170,6 +178,22 @@ class PipelineBase:
             negative_prompt, negative_prompt_2, num_images_per_prompt, guided, self.force_zeros_for_empty_prompt,
             device=self.device, dtype=self.unet.dtype,
         )
+
+    def plan(self, mode: Mode, num_inference_steps: int, scheduler: str, guidance_scale: float | None,
+             guidance_rescale: float, **range_args) -> DenoisePlan:
+        """The call's denoise over this pipeline's UNet and scheduler config (request semantics)."""
+        return plan_denoise(self.unet.config, self.scheduler_config, mode, num_inference_steps=num_inference_steps,
+                            scheduler=scheduler, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                            device=self.device, **range_args)
+
+    def finish(self, denoise_fn, plan: DenoisePlan, embeddings: PromptEmbeddings, micro: MicroConditioning,
+               size: tuple[int, int], generator: GeneratorLike, output_type: str, on_step, **inputs):
+        """The pipelines' shared tail: micro-conditioning, the mode's denoise (a sdxl_core.stages function), decode."""
+        time_ids = micro.time_ids(self.unet.config, *size, from_image=plan.mode is not Mode.TEXT2IMG)
+        conditioning = Conditioning.from_prompt(embeddings, *time_ids)
+        latents = denoise_fn(self.unet, plan, conditioning, generator=generator, device=self.device,
+                             dtype=self.unet.dtype, on_step=on_step, **inputs)
+        return SDXLPipelineOutput(self.decode(latents, output_type))
 
     def decode(self, latents: torch.Tensor, output_type: str):
         """Latents -> images of `output_type` (VAE decode, watermark, postprocess); "latent" returns them as they are."""

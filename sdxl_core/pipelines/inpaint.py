@@ -1,4 +1,4 @@
-"""SDXL inpainting: encode prompt -> encode_inpaint_stage -> denoise_stage -> decode.
+"""SDXL inpainting: encode prompt -> encode_inpaint_stage -> inpaint_denoise -> decode.
 
 Arguments and results follow diffusers 0.42.1 StableDiffusionXLInpaintPipeline
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl_inpaint.py), without padding_mask_crop.
@@ -8,15 +8,26 @@ from __future__ import annotations
 
 import torch
 
-from sdxl_core.denoise import Conditioning, OnStep, Size, img2img_time_ids
-from sdxl_core.latents import preprocess_image
+from sdxl_core.denoise import OnStep, Size
+from sdxl_core.latents import check_output_type, preprocess_image
 from sdxl_core.masks import check_mask_matches, image_size, is_latents, preprocess_mask
 from sdxl_core.noise import GeneratorLike
-from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_common, check_size, resolve_generator
+from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_size, resolve_generator
 from sdxl_core.prompts import Prompt
-from sdxl_core.ranges import check_range
-from sdxl_core.schedulers import make_schedule
-from sdxl_core.stages import denoise_range, denoise_stage, encode_inpaint_stage, fork
+from sdxl_core.request import (
+    AESTHETIC_SCORE,
+    GUIDANCE_SCALE,
+    INPAINTING_IN_CHANNELS,
+    LATENT_CHANNELS,
+    NEGATIVE_AESTHETIC_SCORE,
+    NUM_INFERENCE_STEPS,
+    SCHEDULER,
+    STRENGTH,
+    MicroConditioning,
+    Mode,
+    is_inpainting_unet,
+)
+from sdxl_core.stages import encode_inpaint_stage, fork, inpaint_denoise
 
 
 class SDXLInpaintPipeline(PipelineBase):
@@ -24,7 +35,7 @@ class SDXLInpaintPipeline(PipelineBase):
     or a 9-channel inpainting UNet (mask and masked image as extra input channels)."""
 
     def __init__(self, unet, *args, **kwargs):
-        if unet.config.in_channels not in (4, 9):
+        if unet.config.in_channels not in (LATENT_CHANNELS, INPAINTING_IN_CHANNELS):
             raise ValueError(f"SDXLInpaintPipeline needs a UNet with 4 or 9 input channels, "
                              f"got {unet.config.in_channels}")
         super().__init__(unet, *args, **kwargs)
@@ -49,11 +60,11 @@ class SDXLInpaintPipeline(PipelineBase):
         masked_image_latents: torch.Tensor | None = None,
         height: int | None = None,
         width: int | None = None,
-        strength: float = 0.9999,
-        num_inference_steps: int = 50,
+        strength: float = STRENGTH[Mode.INPAINT],
+        num_inference_steps: int = NUM_INFERENCE_STEPS,
         denoising_start: float | None = None,
         denoising_end: float | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = GUIDANCE_SCALE[Mode.INPAINT],
         negative_prompt: Prompt | None = None,
         negative_prompt_2: Prompt | None = None,
         num_images_per_prompt: int = 1,
@@ -67,9 +78,9 @@ class SDXLInpaintPipeline(PipelineBase):
         negative_original_size: Size | None = None,
         negative_crops_coords_top_left: Size = (0, 0),
         negative_target_size: Size | None = None,
-        aesthetic_score: float = 6.0,
-        negative_aesthetic_score: float = 2.5,
-        scheduler: str = "euler",
+        aesthetic_score: float = AESTHETIC_SCORE,
+        negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
+        scheduler: str = SCHEDULER,
         on_step: OnStep | None = None,
     ) -> SDXLPipelineOutput:
         """Repaint where `mask_image` is white (>= 0.5) in `image` (PIL / array / tensor in [0, 1], or
@@ -81,11 +92,10 @@ class SDXLInpaintPipeline(PipelineBase):
         if image is None or mask_image is None:
             raise ValueError("`image` and `mask_image` are both required")
         check_mask_matches(image, mask_image)
-        check_common(num_inference_steps, output_type)
-        check_range(strength, denoising_start, denoising_end)
+        check_output_type(output_type)
+        plan = self.plan(Mode.INPAINT, num_inference_steps, scheduler, guidance_scale, guidance_rescale,
+                         strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
         generator = resolve_generator(generator, seed)
-        guided = guidance_scale > 1
-
         height, width = self._size(image, height, width)
         check_size("height", height)
         check_size("width", width)
@@ -93,24 +103,15 @@ class SDXLInpaintPipeline(PipelineBase):
         mask = preprocess_mask(mask_image, height, width)  # (M, 1, H, W)
 
         embeddings = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, guided)
-        batch_size, dtype = embeddings.prompt_embeds.shape[0], self.unet.dtype
-        schedule = make_schedule(scheduler, num_inference_steps, self.scheduler_config, self.device)
-        start, end = denoise_range(schedule, num_inference_steps, denoising_start, denoising_end, strength)
-        from_noise = strength == 1.0
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided)
+        in_channels = self.unet.config.in_channels
         # Each side starts from the same generator state, as the VAE and denoiser stages start from the seed.
         encoded = encode_inpaint_stage(
-            self.vae, init_image, mask, batch_size, fork(generator), self.device, dtype,
-            encode_image=self.unet.config.in_channels == 4 or not from_noise or denoising_start is not None,
-            masked_image_latents=self.unet.config.in_channels != 4, given_masked_image_latents=masked_image_latents)
-
-        time_ids = img2img_time_ids(
-            self.unet.config, original_size or (height, width), crops_coords_top_left, target_size or (height, width),
-            negative_original_size, negative_crops_coords_top_left, negative_target_size,
-            aesthetic_score, negative_aesthetic_score)
-        conditioning = Conditioning.from_prompt(embeddings, *time_ids)
-        latents = denoise_stage(
-            self.unet, schedule, conditioning, start, end, guidance_scale, guidance_rescale, generator,
-            self.device, dtype, image=encoded, add_noise=denoising_start is None, from_noise=from_noise,
-            on_step=on_step)
-        return SDXLPipelineOutput(self.decode(latents, output_type))
+            self.vae, init_image, mask, embeddings.prompt_embeds.shape[0], fork(generator), self.device,
+            self.unet.dtype, encode_image=plan.needs_image_latents(in_channels),
+            masked_image_latents=is_inpainting_unet(in_channels), given_masked_image_latents=masked_image_latents)
+        micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                  negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                  negative_aesthetic_score)
+        return self.finish(inpaint_denoise, plan, embeddings, micro, (height, width), generator, output_type,
+                           on_step, image=encoded)

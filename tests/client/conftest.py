@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from sdxl_client import images
+from sdxl_wire import images
 
 SMALL_CHUNK = 100  # bytes: every test image arrives in several chunks
 

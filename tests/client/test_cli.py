@@ -2,6 +2,7 @@ from grpc_health.v1 import health_pb2
 from PIL import Image
 
 from sdxl_client.cli import main
+from sdxl_client.output import output_paths
 
 
 def test_generate_writes_the_pngs_and_exits_0(fake_orchestrator, tmp_path, capsys):
@@ -47,7 +48,7 @@ def test_health_exits_0_when_serving_and_1_otherwise(health_server, capsys):
 
 
 def test_health_exits_1_when_nothing_listens(capsys):
-    from sdxl_client.launch import free_port
+    from sdxl_services.launch import free_port
 
     assert main(["health", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 1
     err = capsys.readouterr().err
@@ -68,3 +69,7 @@ def test_generate_refuses_a_mask_without_an_image_with_exit_2(fake_orchestrator,
     Image.new("L", (8, 8)).save(tmp_path / "m.png")
     assert main(["generate", "p", "--address", address, "--mask", str(tmp_path / "m.png")]) == 2
     assert "mask_image needs image" in capsys.readouterr().err and servicer.requests == []
+
+
+def test_output_paths_number_the_extra_images():
+    assert [p.name for p in output_paths("dir/out.png", 3)] == ["out.png", "out-1.png", "out-2.png"]

@@ -1,8 +1,8 @@
 import subprocess
 import sys
 
-MODULES = ["sdxl_client", "sdxl_client.client", "sdxl_client.images", "sdxl_client.params", "sdxl_client.cli",
-           "sdxl_client.launch", "sdxl_client.placement", "sdxl_client.output", "sdxl_client.demo"]
+MODULES = ["sdxl_client", "sdxl_client.client", "sdxl_client.params", "sdxl_client.cli", "sdxl_client.output",
+           "sdxl_client.demo", "sdxl_wire", "sdxl_wire.images"]
 
 
 def test_the_client_imports_no_torch_core_or_services():

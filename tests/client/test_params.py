@@ -2,8 +2,8 @@ import pytest
 from PIL import Image
 
 from sdxl.v1 import orchestrator_pb2
-from sdxl_client import images
 from sdxl_client.params import generate_params, requests
+from sdxl_wire import images
 
 _OPTIONAL = ("guidance_scale", "seed", "denoising_start", "denoising_end", "strength", "high_noise_frac",
              "refiner_strength")
@@ -60,8 +60,8 @@ def test_unset_optionals_stay_unset_so_the_server_applies_its_defaults():
         assert not params.HasField(name), name
     for name in _MICRO:
         assert not params.micro_conditioning.HasField(name), name
-    assert (params.height, params.width, params.num_inference_steps, params.scheduler) == (0, 0, 50, "euler")
-    assert params.watermark is True
+    assert (params.height, params.width, params.num_inference_steps, params.scheduler) == (0, 0, 0, "")
+    assert params.num_images_per_prompt == 0 and not params.HasField("watermark")
     assert not params.HasField("scheduler_options")
 
 
@@ -84,10 +84,9 @@ def test_given_values_are_sent():
     assert params.scheduler_options["use_karras_sigmas"] is True
 
 
-def test_high_noise_frac_is_sent_with_the_ensemble_refiner_only():
-    assert generate_params("p", refiner="ensemble").high_noise_frac == pytest.approx(0.8)
+def test_high_noise_frac_is_sent_only_when_given():
+    assert not generate_params("p", refiner="ensemble").HasField("high_noise_frac")
     assert generate_params("p", refiner="ensemble", high_noise_frac=0.7).high_noise_frac == pytest.approx(0.7)
-    assert not generate_params("p", refiner="none", high_noise_frac=0.7).HasField("high_noise_frac")
 
 
 def test_negative_seeds_are_refused():

@@ -23,7 +23,7 @@ from sdxl_core.denoise import (
     rescale_noise_cfg,
     text2img_time_ids,
 )
-from sdxl_core.latents import image_latents, postprocess, preprocess_image, preview
+from sdxl_core.latents import postprocess, preprocess_image, preview, tile
 from sdxl_core.loading import load_components
 from sdxl_core.prompts import PromptEmbeddings
 from sdxl_core.ranges import end_index, start_index, strength_start_index
@@ -254,14 +254,11 @@ def test_postprocess_matches_vae_image_processor(output_type):
         assert np.array_equal(np.asarray(actual), np.asarray(expected))
 
 
-def test_latents_given_as_image_are_tiled_not_encoded():
+def test_image_latents_are_tiled_over_the_batch_as_diffusers():
     latents = torch.randn(2, 4, 8, 8)
-    tiled = image_latents(vae=SimpleNamespace(config=SimpleNamespace(latent_channels=4)), image=latents,
-                          batch_size=4, generator=None, device="cpu", dtype=torch.float32)
-    assert torch.equal(tiled, torch.cat([latents, latents]))  # (a, b, a, b), as diffusers
+    assert torch.equal(tile(latents, 4, "image"), torch.cat([latents, latents]))  # (a, b, a, b), as diffusers
     with pytest.raises(ValueError, match="3"):
-        image_latents(SimpleNamespace(config=SimpleNamespace(latent_channels=4)), latents, 3, None, "cpu",
-                      torch.float32)
+        tile(latents, 3, "image")
 
 
 def test_preview_maps_each_latent_pixel_to_one_rgb_pixel():

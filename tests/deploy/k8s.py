@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -22,7 +21,8 @@ JOB_TARGETS = ["weights", "weights-from-path"]
 STAGE_FLAGS = {"text_encoder": "--text-encoder", "base": "--base", "refiner": "--refiner", "vae": "--vae"}
 GPU_STAGES = {"base", "refiner"}
 
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (kustomize) is not installed")
+# Skips without kubectl, fails under CI (conftest.py's `kubectl` fixture).
+needs_kubectl = pytest.mark.usefixtures("kubectl")
 
 
 def kustomize(path: Path) -> list[dict]:

@@ -123,7 +123,7 @@ def test_the_default_configs_are_those_of_the_official_folders(reference_dir):
 
 
 def test_parameter_counts_and_fp16_weights_are_sdxl_1_0s():
-    """Counts from shared/reference/README.md; published fp16 files hold the weights plus a small header."""
+    """Counts from tests/data/reference/README.md; published fp16 files hold the weights plus a small header."""
     counts = {stage.name: sizing.size_stage(stage, sizing.Models(), batches=()) for stage in sizing.STAGES}
     clip_l, bigg = 123_060_480, 694_659_840
     published = {  # row: (parameters, fp16 file bytes or None)

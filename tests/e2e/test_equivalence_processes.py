@@ -1,6 +1,6 @@
 """Real stage processes on loopback give the in-process pipelines' exact pixels (tiny model, watermark off).
 
-One cluster of five processes (client/launch.py's Cluster) for the module, every stage told the very
+One cluster of five processes (services/launch.py's Cluster) for the module, every stage told the very
 model folders the pipelines here load (--model / --refiner-model), so the weights are the same bytes.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sdxl_client import SDXLClient
-from sdxl_client.launch import Cluster, ServeOptions
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLPipeline
+from sdxl_services.launch import Cluster, ServeOptions
 
 PROMPT = "a red cube on a table"
 SEED = 4321

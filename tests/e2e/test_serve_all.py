@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from sdxl_client import SDXLClient
-from sdxl_client.launch import free_port
+from sdxl_services.launch import free_port
 
 START_TIMEOUT_S = 300
 

@@ -3,6 +3,7 @@ bad requests are INVALID_ARGUMENT naming the field; a cancelled call stops at it
 
 import io
 import math
+import time
 
 import grpc
 import numpy as np
@@ -14,7 +15,7 @@ from google.protobuf import struct_pb2
 from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc, tensor_pb2, vae_pb2, vae_pb2_grpc
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLInpaintPipeline, SDXLPipeline
 from sdxl_services import denoiser, vae
-from sdxl_services.tensors import TensorAssembler, to_proto_chunks
+from sdxl_wire.tensors import TensorAssembler, to_proto_chunks
 
 PROMPT = "a red fox in the snow"
 SEED = 21
@@ -223,7 +224,7 @@ BAD = {
     "wrong_dtype": ({}, {"pooled_prompt_embeds": torch.int64}, "pooled_prompt_embeds"),
     "batch_mismatch": ({}, {"latents": torch.zeros(2, 4, 8, 8)}, "latents"),
     "missing_negatives": ({}, {"negative_prompt_embeds": None}, "negative_prompt_embeds"),
-    "steps_0": ({"num_inference_steps": 0}, {}, "num_inference_steps"),
+    "steps_negative": ({"num_inference_steps": -1}, {}, "num_inference_steps"),
     "steps_100000": ({"num_inference_steps": 100000}, {}, "num_inference_steps"),
     "nan_guidance": ({"guidance_scale": math.nan}, {}, "guidance_scale"),
     "strength_1_5": ({"strength": 1.5}, {}, "strength"),
@@ -252,7 +253,8 @@ def test_bad_requests_are_invalid_argument_naming_the_field_and_the_next_one_run
 
 
 def test_a_cancelled_call_stops_at_its_next_step_and_frees_the_slot(servers, pipes, base_servicer):
-    before = base_servicer.steps_run
+    forwards = []
+    hook = base_servicer.unet.register_forward_hook(lambda *_: forwards.append(1))
     header = denoiser_pb2.DenoiseHeader(**(_valid() | {"num_inference_steps": 1000}))
     messages = [denoiser_pb2.DenoiseRequest(header=header)]
     messages += [denoiser_pb2.DenoiseRequest(chunks=[c]) for name, t in embeddings(pipes["base"]).items()
@@ -262,18 +264,47 @@ def test_a_cancelled_call_stops_at_its_next_step_and_frees_the_slot(servers, pip
     assert (first.progress.step, first.progress.total) == (1, 1000)
     call.cancel()
     latents, _ = denoise(servers["base"], denoiser_pb2.DenoiseHeader(**_valid()), embeddings(pipes["base"]))
+    hook.remove()
     assert latents.shape == (1, 4, 8, 8)  # ran once the cancelled call gave its slot back
-    assert base_servicer.steps_run - before - 2 < 100  # the cancelled call stopped long before its 1000 steps
+    assert len(forwards) - _valid()["num_inference_steps"] < 100  # the cancelled call stopped long before its 1000 steps
 
 
-def test_a_call_past_its_deadline_stops_at_its_next_step(servers, pipes, base_servicer):
-    before = base_servicer.steps_run
+STEP_S = 0.2  # the slow UNet's sleep per call: far above the tiny UNet's own time, even on a loaded machine
+DEADLINE_S = 1.0
+
+
+@pytest.fixture
+def slow_base(tiny_model_dir):
+    """A base Denoiser server whose UNet sleeps STEP_S per call, and the time.monotonic() each call started."""
+    servicer = denoiser.DenoiserServicer(*denoiser.load_denoiser(tiny_model_dir / "base"))
+    starts = []
+
+    def slow(module, args):
+        starts.append(time.monotonic())
+        time.sleep(STEP_S)
+
+    servicer.unet.register_forward_pre_hook(slow)
+    server = denoiser.make_server(servicer)
+    yield server, starts
+    server.stop(0)
+
+
+def test_a_call_past_its_deadline_stops_at_its_next_step(slow_base, pipes):
+    server, starts = slow_base
     header = denoiser_pb2.DenoiseHeader(**(_valid() | {"num_inference_steps": 1000}))
+    messages = [denoiser_pb2.DenoiseRequest(header=header)]
+    messages += [denoiser_pb2.DenoiseRequest(chunks=[c]) for name, t in embeddings(pipes["base"]).items()
+                 for c in to_proto_chunks(name, t)]
+    deadline = time.monotonic() + DEADLINE_S  # no later than the server's, which starts on arrival
     with pytest.raises(grpc.RpcError) as error:
-        denoise(servers["base"], header, embeddings(pipes["base"]), timeout=1.0)
+        list(denoiser_pb2_grpc.DenoiserStub(_channel(server)).Denoise(iter(messages), timeout=DEADLINE_S))
     assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    denoise(servers["base"], denoiser_pb2.DenoiseHeader(**_valid()), embeddings(pipes["base"]))
-    assert base_servicer.steps_run - before - 2 < 1000
+    time.sleep(5 * STEP_S)  # a stage that ignored its deadline would start ~5 more steps meanwhile
+    on_time = sum(t <= deadline for t in starts)
+    assert on_time >= 1, "the call ended before its first step"
+    assert len(starts) - on_time <= 1, f"{len(starts) - on_time} steps started after the deadline"
+    latents, _ = denoise(server, denoiser_pb2.DenoiseHeader(**_valid()), embeddings(pipes["base"]))
+    assert latents.shape == (1, 4, 8, 8)  # and the next call runs
 
 
 def test_previews_come_with_each_step_when_asked_for(servers, pipes):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc, tensor_pb2
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLInpaintPipeline, SDXLPipeline
-from sdxl_services import channels, orchestrator, text_encoder
+from sdxl_services import channels, denoiser, orchestrator, text_encoder
 from sdxl_services.generate_params import ENSEMBLE, REFINE
 
 Stage = orchestrator_pb2.Stage
@@ -302,3 +302,24 @@ def test_a_stage_error_passes_through_with_its_code_and_the_stage_named(stub):
         _generate(stub, _params(refiner=REFINE, refiner_strength=0.05))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.value.details().startswith("refiner stage: ")
+
+
+def test_the_orchestrator_learns_an_inpainting_base_from_describe(stages, tiny_model_dir, init_images):
+    """No flag tells the orchestrator that the base is a 9-channel inpainting UNet; Describe does. Strength 1
+    starts from pure noise without the image's latents, which only that UNet may do."""
+    base = denoiser.build(tiny_model_dir / "inpainting")
+    server = orchestrator.build(stages["text_encoder"], f"127.0.0.1:{base.port}", None, stages["vae"])
+    stub = orchestrator_pb2_grpc.OrchestratorStub(grpc.insecure_channel(f"localhost:{server.port}"))
+    pipeline = SDXLInpaintPipeline.from_pretrained(tiny_model_dir / "inpainting")
+    image, mask = init_images
+    try:
+        for strength in (None, 1.0):
+            fields = {} if strength is None else {"strength": strength}
+            _, images, _ = _generate(stub, _params(mode=orchestrator_pb2.MODE_INPAINT, **fields), image=image,
+                                     mask_image=mask)
+            want = pipeline("a red cube on a table", image=image, mask_image=mask, height=64, width=64,
+                            num_inference_steps=4, seed=SEED, **fields).images
+            np.testing.assert_array_equal(images[0], _arrays(want)[0])
+    finally:
+        server.stop(0)
+        base.stop(0)

@@ -16,10 +16,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from sdxl_core.errors import ModelTypeMismatchError, WeightsNotFoundError
-from sdxl_services.calls import REQUEST_ID_KEY, call_options, ensure_active, request_id, watch
+from sdxl_services.calls import call_options, ensure_active, request_id, watch
 from sdxl_services.errors import Cancelled, DeadlineExceeded, Draining, FailedPrecondition, QueueFull
 from sdxl_services.logs import RequestIdFilter
 from sdxl_services.server import Server, ServerOptions
+from sdxl_wire import REQUEST_ID_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -212,12 +213,12 @@ def test_health_is_not_serving_until_set_serving(start):
     assert client.status("") == SERVING
 
 
-def test_reflection_lists_the_stage_health_and_reflection_services(start):
+def test_reflection_lists_the_stage_describe_health_and_reflection_services(start):
     _, client = start()
     request = reflection_pb2.ServerReflectionRequest(list_services="")
     (response,) = client.reflection.ServerReflectionInfo(iter([request]), timeout=WAIT_S)
     names = {s.name for s in response.list_services_response.service}
-    assert names == {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    assert names == {SERVICE, "sdxl.v1.StageInfo", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
 
 
 @pytest.mark.parametrize("request_bytes", list(RAISES))
@@ -399,7 +400,7 @@ def test_call_options_forward_the_request_id_and_the_deadline_less_a_margin(star
     forward = client.unary("Forward")
     options = json.loads(forward(b"", metadata=((REQUEST_ID_KEY, "req-7"),), timeout=2.0))
     assert options["metadata"] == [[REQUEST_ID_KEY, "req-7"]]
-    assert 1.0 < options["timeout"] <= 1.5
+    assert 1.0 < options["timeout"] <= 1.5 + 0.05  # 2 s less the 0.5 s margin; grpc rounds deadlines up by ms
     assert json.loads(forward(b""))["timeout"] is None  # no deadline: none forwarded
 
 
@@ -504,7 +505,7 @@ def test_queue_depth_and_in_flight_gauges_follow_admission(start, probe):
 def test_the_metrics_port_serves_the_stage_metrics(start):
     import urllib.request
 
-    from sdxl_client.launch import free_port
+    from sdxl_services.launch import free_port
 
     port = free_port()
     _, client = start(metrics_port=port)

@@ -53,3 +53,41 @@ def test_incomplete_tls_flags_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert "error:" in capsys.readouterr().err
+
+
+def test_a_stage_listens_not_serving_while_it_loads_then_describes_what_it_loaded(monkeypatch, tiny_model_dir):
+    import threading
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc, stage_pb2, stage_pb2_grpc, tensor_pb2
+    from sdxl_services import stage
+
+    release, real_load = threading.Event(), stage.load
+    monkeypatch.setattr(stage, "load", lambda args: release.wait(60) and real_load(args))
+    model = str(tiny_model_dir / "inpainting")
+    server, load_weights = stage.open_stage(parse_args(["base", "--model", model, "--address", "127.0.0.1:0"]))
+    loader = threading.Thread(target=load_weights)
+    loader.start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        health = health_pb2_grpc.HealthStub(channel)
+        describe = stage_pb2_grpc.StageInfoStub(channel).Describe
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        for call in (lambda: describe(stage_pb2.DescribeRequest(), timeout=10),
+                     lambda: list(denoiser_pb2_grpc.DenoiserStub(channel).Denoise(
+                         iter([denoiser_pb2.DenoiseRequest(header=denoiser_pb2.DenoiseHeader())]), timeout=10))):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+        release.set()
+        loader.join(120)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        info = describe(stage_pb2.DescribeRequest(), timeout=10)
+        assert (info.stage, info.model_kind, info.model, info.device) == ("base", "inpainting", model, "cpu")
+        assert (info.unet.in_channels, info.dtype) == (9, tensor_pb2.DTYPE_FLOAT32)
+        assert info.scheduler_config["num_train_timesteps"] == 1000 and info.limits.max_steps > 0
+    finally:
+        release.set()
+        server.stop(0)

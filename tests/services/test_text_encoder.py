@@ -9,11 +9,13 @@ import sys
 import grpc
 import pytest
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdxl.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLPipeline
 from sdxl_services import text_encoder
-from sdxl_services.tensors import DEFAULT_CHUNK_BYTES, assemble
+from sdxl_wire import CHUNK_BYTES
+from tests.wire.streams import assemble
 
 BASE, REFINER = text_encoder_pb2.TARGET_BASE, text_encoder_pb2.TARGET_REFINER
 
@@ -75,7 +77,7 @@ def test_the_embeddings_of_both_targets_travel_packed_in_as_few_messages_as_the_
     responses = list(_stub(servers[0]).EncodePrompt(request, timeout=30))
     sizes = [sum(len(c.data) for c in r.chunks) for r in responses]
     assert sum(len(r.chunks) for r in responses) == 8  # 4 tensors per target
-    assert len(responses) == math.ceil(sum(sizes) / DEFAULT_CHUNK_BYTES) and max(sizes) <= DEFAULT_CHUNK_BYTES
+    assert len(responses) == math.ceil(sum(sizes) / CHUNK_BYTES) and max(sizes) <= CHUNK_BYTES
 
 
 def test_negative_prompt_2_and_unguided_requests_match(servers, pipelines):
@@ -112,7 +114,11 @@ def test_stage_process_prints_its_address_and_stops_on_sigterm(tiny_model_dir):
         try:
             line = process.stdout.readline()
             assert line.startswith("text_encoder listening on 127.0.0.1:"), line
-            port = int(line.rsplit(":", 1)[1])
+            port = int(line.rsplit(":", 1)[1])  # listening first: SERVING once the weights are loaded
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            for response in health.Watch(health_pb2.HealthCheckRequest(), timeout=120):
+                if response.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
             got = _encode(type("S", (), {"port": port}), prompt=["a cat"], targets=[BASE])
             assert got["base/prompt_embeds"].shape[0] == 1
             process.send_signal(signal.SIGTERM)

@@ -13,7 +13,8 @@ from sdxl.v1 import tensor_pb2, vae_pb2, vae_pb2_grpc
 from sdxl_core.pipelines import SDXLPipeline
 from sdxl_core.watermark import watermark_available
 from sdxl_services import vae
-from sdxl_services.tensors import assemble, to_proto_chunks
+from sdxl_wire.tensors import to_proto_chunks
+from tests.wire.streams import assemble
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_client import launch
-from sdxl_client.cli import _serve_options, main, parser
+from sdxl_client.cli import main
+from sdxl_services import launch
 from sdxl_services.stage import parse_args
 
 UNETS = ("base", "refiner")
@@ -106,14 +106,13 @@ def test_dtype_flags_override_the_per_device_default(monkeypatch):
 
 
 @pytest.mark.parametrize("gpus", [0, 1, 2, 4, 8])
-def test_the_orchestrator_gets_every_replica_and_the_base_dtype(monkeypatch, gpus):
+def test_the_orchestrator_gets_every_replica(monkeypatch, gpus):
     processes = processes_with(monkeypatch, gpus)
     options = launch.ServeOptions()
     args, addresses = orchestrator(options, processes)
     for stage in launch.STAGES:
         replicas = [addresses[p.name] for p in processes if p.stage == stage]
         assert getattr(args, stage).split(",") == replicas
-    assert {p.dtype for p in processes if p.stage == "base"} == {args.base_dtype}
 
 
 def test_stage_processes_get_their_own_device_and_dtype(monkeypatch):
@@ -158,10 +157,10 @@ def test_serve_all_exits_2_on_a_bad_placement_before_starting_anything(capsys):
 
 
 def test_cli_flags_reach_the_options(monkeypatch):
-    args = parser().parse_args(["serve", "--all", "--placement", "base=cuda:0+cuda:1,refiner=cuda:2",
+    args = launch.parser().parse_args(["--all", "--placement", "base=cuda:0+cuda:1,refiner=cuda:2",
                                 "--vae-device", "cuda:2", "--text-encoder-dtype", "bfloat16"])
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
-    processes = launch.Cluster(_serve_options(args)).processes
+    processes = launch.Cluster(launch.serve_options(args)).processes
     assert placed(processes) == {
         "text_encoder": ("cuda:2", "bfloat16"), "base-0": ("cuda:0", "float16"), "base-1": ("cuda:1", "float16"),
         "refiner": ("cuda:2", "float16"), "vae": ("cuda:2", "float32")}

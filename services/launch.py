@@ -1,8 +1,9 @@
-"""Start the processes of `sdxl serve --all` on one host (one per stage and device, then the orchestrator),
-watch them, and stop them."""
+"""`sdxl serve --all`: start the processes of every stage on one host (one per stage and device, then the
+orchestrator), watch them, and stop them. The client's `sdxl` command hands `serve` over to `main` here."""
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import re
@@ -17,6 +18,8 @@ from typing import TextIO
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sdxl_wire import FLOAT_DTYPES
 
 from .placement import (
     STAGES,
@@ -63,7 +66,6 @@ class ServeOptions:
     base_model: str | None = None
     refiner_model: str | None = None
     no_refiner: bool = False
-    base_inpainting: bool = False  # a 9-channel inpainting base: Vae.Encode then draws its masked-image samples
     host: str = "[::]"
     port: int = 50051  # the orchestrator's; 0 picks a free one
     device: str | None = None  # every stage's, unless placed otherwise
@@ -113,7 +115,7 @@ class ServeOptions:
                 dtype = getattr(self, f"{stage}_dtype") or self.dtype or default_dtype(stage, device)
                 processes.append(StageProcess(stage if len(devices) == 1 else f"{stage}-{i}", stage, device, dtype))
         base_dtypes = sorted({p.dtype for p in processes if p.stage == "base"})
-        if len(base_dtypes) > 1:  # the orchestrator's --base-dtype is one dtype
+        if len(base_dtypes) > 1:  # Vae.Encode computes in the base's dtype: replicas must agree on it
             raise ValueError(f"the base replicas would run in {' and '.join(base_dtypes)} (cpu and GPU defaults); "
                              "give them one dtype with --base-dtype")
         return processes
@@ -127,13 +129,12 @@ class ServeOptions:
         return args + ["--device", process.device, "--dtype", process.dtype]
 
     def orchestrator_args(self, processes: list[StageProcess], addresses: dict[str, str]) -> list[str]:
-        """Each stage's addresses (replicas as one list), and what Vae.Encode needs to replay the base's draws."""
+        """Each stage's addresses, replicas as one list; the orchestrator asks the stages the rest (Describe)."""
         args = []
         for stage in STAGES:
             if listed := [addresses[p.name] for p in processes if p.stage == stage]:
                 args += [f"--{_flag(stage)}", ",".join(listed)]
-        base_dtype = next(p.dtype for p in processes if p.stage == "base")  # Vae.Encode computes in it
-        return args + ["--base-dtype", base_dtype] + (["--base-inpainting"] if self.base_inpainting else [])
+        return args
 
 
 def _flag(stage: str) -> str:
@@ -343,3 +344,46 @@ def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | No
         cluster.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sdxl serve", description="Serve every stage and the orchestrator on this host.")
+    p.add_argument("--all", action="store_true", required=True, help="start every stage and the orchestrator")
+    p.add_argument("--base-model", help="the base model (folder or file); default: the tiny model")
+    p.add_argument("--refiner-model", help="the refiner model; default: the tiny model")
+    p.add_argument("--no-refiner", action="store_true", help="start no refiner stage")
+    p.add_argument("--host", default="[::]", help="the orchestrator's listening host (default: all interfaces)")
+    p.add_argument("--port", type=int, default=50051, help="the orchestrator's port; 0 picks a free one")
+    p.add_argument("--device", help="every stage's device, unless placed otherwise; default: spread over the "
+                                    "visible GPUs (deploy/README.md), cpu without one")
+    p.add_argument("--placement", metavar="STAGE=DEV[+DEV...],...",
+                   help="devices per stage, one process per device, e.g. "
+                        "'base=cuda:0+cuda:1+cuda:2,refiner=cuda:3,text_encoder=cuda:3,vae=cuda:3'")
+    for stage in STAGES:
+        p.add_argument(f"--{_flag(stage)}-device", metavar="DEV[+DEV...]",
+                       help=f"the {stage} stage's device(s), e.g. cuda:0 (overrides --placement)")
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, help="every stage's dtype, unless its own is given; default: "
+                                                         "float32 on cpu, float16 on a GPU (the VAE float32)")
+    for stage in STAGES:
+        p.add_argument(f"--{_flag(stage)}-dtype", choices=FLOAT_DTYPES, help=f"the {stage} stage's dtype")
+    p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every stage to be SERVING")
+    return p
+
+
+def serve_options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(
+        base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
+        host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
+        start_timeout_s=args.start_timeout,
+        **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in STAGES for kind in ("device", "dtype")},
+    )
+
+
+def main(argv: list[str]) -> int:
+    """`sdxl serve --all [options]` (argv without "serve"): run the processes until a stop signal."""
+    try:
+        options = serve_options(parser().parse_args(argv))
+    except ValueError as e:
+        print(f"sdxl serve --all: {e}", file=sys.stderr)
+        return 2
+    return serve_all(options)

@@ -10,10 +10,10 @@ from pathlib import Path
 from PIL import Image
 
 from sdxl.v1 import tensor_pb2
-
-CHUNK_BYTES = 1 << 20  # 1 MiB, as tensor.proto says: well under gRPC's 4 MiB default message limit
+from sdxl_wire import CHUNK_BYTES
 
 ImageLike = Image.Image | bytes | str | os.PathLike  # a PIL image, PNG / JPEG bytes, or a file path
+ACCEPTED_FORMATS = ("PNG", "JPEG")  # what the services decode
 
 
 class ChunkError(ValueError):
@@ -32,6 +32,19 @@ def from_bytes(data: bytes) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+
+
+def open_image(data: bytes, name: str, mode: str, max_pixels: int) -> Image.Image:
+    """Untrusted PNG or JPEG bytes -> a loaded PIL image in `mode`; corrupt bytes and images over `max_pixels`
+    (checked from the header, before the pixels are decoded: decompression bombs) are a ValueError."""
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        if image.width * image.height > max_pixels:
+            raise ValueError(f"`{name}` is {image.width}x{image.height} pixels, over the limit of {max_pixels} pixels")
+        image.load()
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ValueError(f"`{name}` is not a readable PNG or JPEG image: {exc}") from None
+    return image if image.mode == mode else image.convert(mode)
 
 
 def encode(image: ImageLike) -> bytes:

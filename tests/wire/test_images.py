@@ -2,8 +2,8 @@ import pytest
 from PIL import Image
 
 from sdxl.v1 import tensor_pb2
-from sdxl_client import images
-from sdxl_client.images import ChunkError, ImageAssembler
+from sdxl_wire import images
+from sdxl_wire.images import ChunkError, ImageAssembler
 
 
 def _assemble(pieces):

@@ -4,8 +4,7 @@ import time
 
 import pytest
 
-from sdxl_client import launch
-from sdxl_client.output import output_paths
+from sdxl_services import launch
 
 
 def test_stage_args_route_models_and_devices():
@@ -40,24 +39,19 @@ def test_stop_terminates_and_then_kills_after_the_grace():
     assert codes == {"vae": -9, "orchestrator": -15}
 
 
-def test_output_paths_number_the_extra_images():
-    assert [p.name for p in output_paths("dir/out.png", 3)] == ["out.png", "out-1.png", "out-2.png"]
-
-
 def test_a_real_base_model_needs_a_real_refiner_model():
     with pytest.raises(ValueError, match="--refiner-model"):
         launch.ServeOptions(base_model="/m/base")
     launch.ServeOptions(base_model="/m/base", no_refiner=True)
 
 
-def test_orchestrator_gets_every_stage_and_the_base_facts_the_draw_replay_needs():
-    options = launch.ServeOptions(dtype="float16", base_inpainting=True, no_refiner=True)
+def test_orchestrator_gets_every_stage_address_and_nothing_it_can_ask_the_stages():
+    options = launch.ServeOptions(dtype="float16", no_refiner=True)
     processes = options.processes(gpus=0)
     addresses = {"text_encoder": "127.0.0.1:1", "base": "127.0.0.1:2", "vae": "127.0.0.1:3"}
     args = options.orchestrator_args(processes, addresses)
-    assert args == ["--text-encoder", "127.0.0.1:1", "--base", "127.0.0.1:2", "--vae", "127.0.0.1:3",
-                    "--base-dtype", "float16", "--base-inpainting"]
+    assert args == ["--text-encoder", "127.0.0.1:1", "--base", "127.0.0.1:2", "--vae", "127.0.0.1:3"]
     from sdxl_services.stage import parse_args
 
     parsed = parse_args(["orchestrator", *args])
-    assert (parsed.text_encoder, parsed.base_dtype, parsed.base_inpainting) == ("127.0.0.1:1", "float16", True)
+    assert (parsed.text_encoder, parsed.base, parsed.vae) == tuple(addresses.values())

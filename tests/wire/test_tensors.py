@@ -5,19 +5,18 @@ import pytest
 import torch
 
 from sdxl.v1 import denoiser_pb2, tensor_pb2, vae_pb2
-from sdxl_services.tensors import (
-    DEFAULT_CHUNK_BYTES,
+from sdxl_wire import CHUNK_BYTES
+from sdxl_wire.tensors import (
     FLOATS,
     TensorAssembler,
-    assemble,
     expect,
-    from_proto,
     packed,
     packed_chunks,
     read_header_stream,
     to_proto,
     to_proto_chunks,
 )
+from tests.wire.streams import assemble, decoded
 
 GRPC_DEFAULT_LIMIT = 4 * 1024 * 1024
 
@@ -42,7 +41,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(int_of), b.contiguous().view(int_of))
 
 
-def chunks_of(tensors: dict, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list:
+def chunks_of(tensors: dict, chunk_bytes: int = CHUNK_BYTES) -> list:
     return [c for name, t in tensors.items() for c in to_proto_chunks(name, t, chunk_bytes)]
 
 
@@ -58,7 +57,7 @@ def test_every_dtype_round_trips_bit_exact_through_odd_sized_chunks(dtype):
 @pytest.mark.parametrize("dtype", WIRE_DTYPES, ids=str)
 def test_every_dtype_round_trips_as_one_message(dtype):
     x = sample(dtype)
-    assert same_bits(x, from_proto(to_proto(x)))
+    assert same_bits(x, decoded(to_proto(x)))
 
 
 def test_bytes_on_the_wire_are_little_endian_and_bfloat16_is_the_top_half_of_float32():
@@ -92,7 +91,7 @@ def test_non_contiguous_tensors_arrive_in_logical_order(make, dtype):
     assert not x.is_contiguous()
     y = assemble(to_proto_chunks("x", x, chunk_bytes=13))["x"]
     assert same_bits(x.contiguous(), y)
-    assert same_bits(x.contiguous(), from_proto(to_proto(x)))
+    assert same_bits(x.contiguous(), decoded(to_proto(x)))
 
 
 def test_a_tensor_that_requires_grad_is_sent_by_value():
@@ -129,9 +128,9 @@ def test_packed_groups_small_tensors_into_few_messages_under_the_chunk_size_in_o
     flat = [c for g in groups for c in g]
     assert [(c.name, c.offset) for c in flat] == [(c.name, c.offset) for n, t in tensors.items()
                                                     for c in to_proto_chunks(n, t)]
-    assert all(sum(len(c.data) for c in g) <= DEFAULT_CHUNK_BYTES for g in groups)
+    assert all(sum(len(c.data) for c in g) <= CHUNK_BYTES for g in groups)
     # greedy: no group could have taken the next group's first chunk
-    assert all(sum(len(c.data) for c in g) + len(after[0].data) > DEFAULT_CHUNK_BYTES
+    assert all(sum(len(c.data) for c in g) + len(after[0].data) > CHUNK_BYTES
                for g, after in zip(groups, groups[1:]))
     assert len(groups) < len(tensors)
     got = assemble(flat)
@@ -221,10 +220,6 @@ def test_an_unknown_dtype_is_an_error(dtype):
     chunks[0].dtype = dtype
     with pytest.raises(ValueError, match=rf"'latents' has unknown dtype {dtype}"):
         assemble(chunks)
-    message = to_proto(torch.zeros(2))
-    message.dtype = dtype
-    with pytest.raises(ValueError, match="'preview' has unknown dtype"):
-        from_proto(message, name="preview")
 
 
 def test_a_negative_size_is_an_error():
@@ -295,15 +290,6 @@ def test_names_outside_the_calls_list_and_nameless_chunks_are_errors():
         assemble(latents_chunks(), names={"mask", "image_latents"})
     with pytest.raises(ValueError, match="no name"):
         assemble([tensor_pb2.TensorChunk(dtype=tensor_pb2.DTYPE_UINT8, shape=[1], data=b"\0")])
-
-
-def test_a_single_message_with_the_wrong_byte_count_is_an_error():
-    message = to_proto(torch.zeros(2, 3))
-    message.data = message.data[:-1]
-    with pytest.raises(ValueError, match=r"'preview' of shape \(2, 3\) needs 24 bytes, got 23"):
-        from_proto(message, name="preview")
-    with pytest.raises(ValueError, match="'preview'.*over the limit of 16"):
-        from_proto(to_proto(torch.zeros(2, 3)), name="preview", max_bytes=16)
 
 
 # --- expect: the shape and dtype a servicer needs

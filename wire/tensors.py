@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from sdxl.v1 import tensor_pb2
+from sdxl_wire import CHUNK_BYTES, FLOAT_DTYPES
 
-DEFAULT_CHUNK_BYTES = 1 << 20  # 1 MiB of data per message, far under gRPC's 4 MiB default limit
 DEFAULT_MAX_BYTES = 1 << 30  # per tensor: 8 images of 2048 x 2048 x 3 float32 fit
 
-FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = {name: getattr(torch, name) for name in FLOAT_DTYPES}  # a flag's dtype name -> torch dtype
+FLOATS = tuple(DTYPES.values())
 
 # wire dtype -> (torch dtype, the little-endian numpy dtype its bytes are read as; bfloat16 as its int16 bits)
 _DTYPES = {
@@ -40,6 +41,20 @@ _DTYPES = {
     tensor_pb2.DTYPE_UINT8: (torch.uint8, np.dtype("u1")),
 }
 _WIRE = {torch_dtype: wire for wire, (torch_dtype, _) in _DTYPES.items()}
+
+
+def wire_dtype(dtype: torch.dtype) -> int:
+    """The DType enum value of a torch dtype."""
+    return _wire_dtype("dtype", dtype)
+
+
+def wire_float_dtype(name: str, value: int) -> torch.dtype:
+    """A header's DType field as a float torch dtype; unset means float32."""
+    if value == tensor_pb2.DTYPE_UNSPECIFIED:
+        return torch.float32
+    if value not in _DTYPES or _DTYPES[value][0] not in FLOATS:
+        raise ValueError(f"`{name}` must be FLOAT32, FLOAT16 or BFLOAT16, got {value}")
+    return _DTYPES[value][0]
 
 
 def _wire_dtype(name: str, dtype: torch.dtype) -> int:
@@ -90,18 +105,8 @@ def to_proto(tensor: torch.Tensor, name: str = "tensor") -> tensor_pb2.Tensor:
     return tensor_pb2.Tensor(dtype=dtype, shape=tensor.shape, data=_le_bytes(tensor).tobytes())
 
 
-def from_proto(message: tensor_pb2.Tensor, name: str = "tensor", max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """A Tensor message -> a tensor, checking its dtype, shape and byte count."""
-    shape = tuple(message.shape)
-    nbytes = _nbytes(name, message.dtype, shape)
-    _check_limit(name, shape, nbytes, max_bytes)
-    if len(message.data) != nbytes:
-        raise ValueError(f"tensor {name!r} of shape {shape} needs {nbytes} bytes, got {len(message.data)}")
-    return _decode(message.dtype, shape, bytearray(message.data))
-
-
 def to_proto_chunks(
-    name: str, tensor: torch.Tensor, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    name: str, tensor: torch.Tensor, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[tensor_pb2.TensorChunk]:
     """TensorChunks of at most `chunk_bytes` data each; the first carries dtype and shape. At least one chunk."""
     if not name:
@@ -114,7 +119,7 @@ def to_proto_chunks(
 
 
 def packed(
-    chunks: Iterable[tensor_pb2.TensorChunk], max_bytes: int = DEFAULT_CHUNK_BYTES
+    chunks: Iterable[tensor_pb2.TensorChunk], max_bytes: int = CHUNK_BYTES
 ) -> Iterator[list[tensor_pb2.TensorChunk]]:
     """Chunks in order, grouped into messages of at most `max_bytes` data each (a chunk alone may reach it);
     a group per message of a `repeated TensorChunk chunks` field. At least one group, possibly empty, so a
@@ -234,14 +239,6 @@ class TensorAssembler:
             raise ValueError(f"tensor {name!r} of shape {partial.shape} is truncated: "
                              f"got {partial.filled} of {len(partial.data)} bytes")
         return dict(self._done)
-
-
-def assemble(chunks, **limits) -> dict[str, torch.Tensor]:
-    """{name: tensor} from an iterable of TensorChunks; `limits` as TensorAssembler's."""
-    assembler = TensorAssembler(**limits)
-    for chunk in chunks:
-        assembler.add(chunk)
-    return assembler.finish()
 
 
 Pattern = Sequence[int | str | None]
