@@ -236,8 +236,10 @@ def replay_server(stage: str, recording: dict[tuple[str, str], list]):
             self.responses = replay("DenoiseResponse")
 
         def Denoise(self, request_iterator, context):
+            responses = iter(self.responses)
+            yield next(responses)  # Admitted: the stage sends it before it reads the request
             denoiser.read_stream(request_iterator)
-            yield from self.responses
+            yield from responses
 
     class Vae(vae_pb2_grpc.VaeServicer):
         def __init__(self):

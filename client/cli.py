@@ -11,6 +11,7 @@ import grpc
 
 from .client import SDXLClient
 from .output import ProgressBar, save_images
+from .params import PRIORITIES
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -52,6 +53,8 @@ def _generate_parser(sub) -> None:
     p.add_argument("--strength", type=float, help="img2img / inpaint; default: the server's (0.3, 0.9999 inpaint)")
     p.add_argument("--num-images", type=int, help="images per prompt; default: 1")
     p.add_argument("--no-watermark", action="store_true")
+    p.add_argument("--priority", choices=PRIORITIES,
+                   help="how the stages order this request among others' (interactive first); default: default")
     p.add_argument("--timeout", type=float, help="seconds before the request is abandoned")
 
 
@@ -84,7 +87,7 @@ def generate(args: argparse.Namespace) -> int:
                 height=height, width=width, num_images_per_prompt=args.num_images, seed=args.seed,
                 scheduler=args.scheduler, strength=args.strength, refiner=args.refiner,
                 high_noise_frac=args.high_noise_frac, refiner_strength=args.refiner_strength,
-                watermark=False if args.no_watermark else None, image=args.image, mask_image=args.mask,
+                watermark=False if args.no_watermark else None, priority=args.priority, image=args.image, mask_image=args.mask,
                 on_progress=progress, timeout=args.timeout,
             )
         except grpc.RpcError as e:

@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 from google.protobuf import struct_pb2
 
-from sdxl.v1 import denoiser_pb2, orchestrator_pb2
+from sdxl.v1 import denoiser_pb2, orchestrator_pb2, stage_pb2
 from sdxl_wire import CHUNK_BYTES
 from sdxl_wire import images as img
 
@@ -15,6 +15,8 @@ REFINERS = {
     "ensemble": orchestrator_pb2.REFINER_ENSEMBLE,
     "refine": orchestrator_pb2.REFINER_REFINE,
 }
+
+PRIORITIES = ("interactive", "default", "batch")
 
 STAGE_NAMES = {
     orchestrator_pb2.STAGE_UNSPECIFIED: "unspecified",
@@ -54,6 +56,16 @@ def refiner_enum(refiner: str | int) -> int:
         return REFINERS[refiner]
     except KeyError:
         raise ValueError(f"refiner must be one of {sorted(REFINERS)}; got {refiner!r}") from None
+
+
+def priority_enum(priority: str | int | None) -> int:
+    """"interactive" / "default" / "batch" (or the enum value itself, or None) -> sdxl.v1.Priority."""
+    if priority is None or isinstance(priority, int):
+        return priority or stage_pb2.PRIORITY_UNSPECIFIED
+    try:
+        return stage_pb2.Priority.Value(f"PRIORITY_{priority.upper()}")
+    except ValueError:
+        raise ValueError(f"priority must be one of {PRIORITIES}; got {priority!r}") from None
 
 
 def infer_mode(has_image: bool, has_mask: bool) -> int:
@@ -114,6 +126,7 @@ def generate_params(
     refiner_scheduler: str | None = None,
     watermark: bool | None = None,
     preview: bool = False,
+    priority: str | int | None = None,
     *,
     has_image: bool = False,
     has_mask: bool = False,
@@ -151,6 +164,7 @@ def generate_params(
         refiner_steps=refiner_steps or 0,
         refiner_scheduler=refiner_scheduler or "",
         preview=preview,
+        priority=priority_enum(priority),
     )
     optional = {"guidance_scale": guidance_scale, "denoising_start": denoising_start, "denoising_end": denoising_end,
                 "strength": strength, "refiner_strength": refiner_strength, "seed": seed, "watermark": watermark,

@@ -140,7 +140,107 @@ def guide(noise_pred: torch.Tensor, guidance_scale: float, guidance_rescale: flo
     return guided
 
 
-@torch.no_grad()
+@dataclass(frozen=True)
+class UNetInputs:
+    """One UNet evaluation's rows: what `unet(*inputs)` takes. Rows of several runs concatenate into one forward."""
+
+    sample: torch.Tensor  # (R, C, h, w), scaled for the step (and with mask and masked image: 9 channels)
+    timestep: torch.Tensor  # (R,)
+    context: torch.Tensor  # (R, L, D)
+    pooled: torch.Tensor  # (R, P)
+    time_ids: torch.Tensor  # (R, 5|6)
+
+    def __iter__(self):
+        return iter((self.sample, self.timestep, self.context, self.pooled, self.time_ids))
+
+    @property
+    def rows(self) -> int:
+        return self.sample.shape[0]
+
+    @classmethod
+    def cat(cls, parts: Sequence[UNetInputs]) -> UNetInputs:
+        """Several runs' rows as one forward's (all of one latent size and context length)."""
+        return cls(*(torch.cat(tensors) for tensors in zip(*parts)))
+
+
+class Denoising:
+    """One run of steps [start, end) of a schedule on latents (B, 4, h, w), one UNet evaluation at a time: whoever
+    holds the UNet calls `unet(*run.unet_inputs())` and hands the output to `advance`. `denoise` drives one run
+    alone; a serving engine packs the rows of many runs, each at its own step, into one forward.
+
+    Guidance applies when guidance_scale > 1. `state` carries the sampler's multistep history (a fresh dict
+    starts afresh). With `inpaint`, a 9-channel UNet (`inpainting_unet`) sees the mask and masked image's latents
+    on its input channels; with a 4-channel UNet the known region is put back after each step, noised to the next
+    step's level (clean after the last). After each step `on_step(step, total, latents)` gets the 0-based step
+    within the run and the run's step count; returning False raises DenoisingCancelled.
+    """
+
+    def __init__(
+        self, schedule: Schedule, latents: torch.Tensor, conditioning: Conditioning, start: int = 0,
+        end: int | None = None, guidance_scale: float = 5.0, guidance_rescale: float = 0.0,
+        generator: GeneratorLike = None, *, inpaint=None, inpainting_unet: bool = False, state: dict | None = None,
+        on_step: OnStep | None = None,
+    ):
+        end = schedule.num_steps if end is None else end
+        if not 0 <= start <= end <= schedule.num_steps:
+            raise ValueError(f"the range [{start}, {end}) must lie within the schedule's {schedule.num_steps} steps")
+        if latents.shape[0] != conditioning.batch_size:
+            raise ValueError(f"latents have batch size {latents.shape[0]}, the conditioning "
+                             f"{conditioning.batch_size}; they must match")
+        self.schedule, self.latents, self.start, self.end, self.step = schedule, latents, start, end, start
+        self.guidance_scale, self.guidance_rescale, self.generator = guidance_scale, guidance_rescale, generator
+        self.guided = guidance_scale > 1
+        self.context, self.pooled, self.time_ids = conditioning.unet_inputs(self.guided)
+        self.inpaint, self.state, self.on_step = inpaint, {} if state is None else state, on_step
+        self.extra = None  # (B, 5, h, w): a 9-channel UNet's [mask | masked image latents]
+        if inpaint is not None and inpainting_unet:
+            if inpaint.masked_image_latents is None:
+                raise ValueError("an inpainting UNet needs the masked image: pass an image in pixels, "
+                                 "or `masked_image_latents` with image latents")
+            self.extra = torch.cat([inpaint.mask, inpaint.masked_image_latents], dim=1)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.end
+
+    @property
+    def rows(self) -> int:
+        """Rows of each UNet evaluation: two per image with guidance ([negative, positive])."""
+        return self.context.shape[0]
+
+    def unet_inputs(self) -> UNetInputs:
+        """The UNet's rows for the next step."""
+        x = torch.cat([self.latents] * 2) if self.guided else self.latents
+        x = self.schedule.sampler.scale_model_input(self.schedule, x, self.step)
+        if self.extra is not None:
+            x = torch.cat([x, self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)], dim=1)
+        timestep = self.schedule.timesteps[self.step].reshape(1).expand(x.shape[0])
+        return UNetInputs(x, timestep, self.context, self.pooled, self.time_ids)
+
+    def advance(self, noise_pred: torch.Tensor) -> torch.Tensor:
+        """Take the UNet's output for this step's rows: guidance, the sampler's step, inpainting's blend."""
+        i, schedule = self.step, self.schedule
+        if self.guided:
+            noise_pred = guide(noise_pred, self.guidance_scale, self.guidance_rescale)
+        latents = schedule.sampler.step(schedule, i, self.latents, noise_pred, self.state, self.generator)
+        if self.inpaint is not None and self.extra is None:
+            known = self.inpaint.image_latents
+            if i + 1 < self.end:
+                known = schedule.sampler.add_noise(schedule, known, self.inpaint.noise, i + 1)
+            latents = (1 - self.inpaint.mask) * known + self.inpaint.mask * latents
+        self.latents, self.step = latents, i + 1
+        if self.on_step is not None and self.on_step(i - self.start, self.end - self.start, latents) is False:
+            raise DenoisingCancelled(i - self.start + 1, latents)
+        return latents
+
+    @torch.no_grad()
+    def run(self, unet: torch.nn.Module) -> torch.Tensor:
+        """Every remaining step, alone."""
+        while not self.done:
+            self.advance(unet(*self.unet_inputs()))
+        return self.latents
+
+
 def denoise(
     unet: torch.nn.Module,
     schedule: Schedule,
@@ -154,29 +254,6 @@ def denoise(
     state: dict | None = None,
     on_step: OnStep | None = None,
 ) -> torch.Tensor:
-    """Run steps [start, end) of `schedule` on latents (B, 4, H/8, W/8) in the UNet's space.
-
-    Guidance applies when guidance_scale > 1. `state` carries the sampler's multistep
-    history: pass the same dict to continue one run across calls; None starts afresh.
-    After each step, `on_step(step, total, latents)` gets the 0-based step within this
-    call and the call's step count; returning False raises DenoisingCancelled.
-    """
-    end = schedule.num_steps if end is None else end
-    if not 0 <= start <= end <= schedule.num_steps:
-        raise ValueError(f"the range [{start}, {end}) must lie within the schedule's {schedule.num_steps} steps")
-    if latents.shape[0] != conditioning.batch_size:
-        raise ValueError(
-            f"latents have batch size {latents.shape[0]}, the conditioning {conditioning.batch_size}; they must match")
-    sampler, state = schedule.sampler, {} if state is None else state
-    guided = guidance_scale > 1
-    context, pooled, time_ids = conditioning.unet_inputs(guided)
-    for i in range(start, end):
-        x = torch.cat([latents] * 2) if guided else latents
-        x = sampler.scale_model_input(schedule, x, i)
-        noise_pred = unet(x, schedule.timesteps[i], context, pooled, time_ids)
-        if guided:
-            noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
-        latents = sampler.step(schedule, i, latents, noise_pred, state, generator)
-        if on_step is not None and on_step(i - start, end - start, latents) is False:
-            raise DenoisingCancelled(i - start + 1, latents)
-    return latents
+    """Run steps [start, end) of `schedule` on latents (B, 4, H/8, W/8) in the UNet's space (see Denoising)."""
+    return Denoising(schedule, latents, conditioning, start, end, guidance_scale, guidance_rescale, generator,
+                     state=state, on_step=on_step).run(unet)

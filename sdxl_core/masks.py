@@ -15,11 +15,8 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from sdxl_core.denoise import Conditioning, DenoisingCancelled, OnStep, denoise
 from sdxl_core.latents import VAE_SCALE_FACTOR, to_tensor
 from sdxl_core.noise import GeneratorLike
-from sdxl_core.request import is_inpainting_unet
-from sdxl_core.schedulers.base import Schedule
 from sdxl_core.vae import AutoencoderKL, images_to_latents
 
 # --- masks in: mask_processor.preprocess
@@ -126,7 +123,7 @@ def sample_dtype(vae: AutoencoderKL) -> torch.dtype:
     return torch.float32 if upcast else vae.dtype
 
 
-# --- denoising: the loop of StableDiffusionXLInpaintPipeline.__call__
+# --- denoising: what StableDiffusionXLInpaintPipeline.__call__'s loop adds (sdxl_core.denoise.Denoising runs it)
 
 
 @dataclass(frozen=True)
@@ -137,52 +134,3 @@ class InpaintInputs:
     image_latents: torch.Tensor | None = None  # (B, 4, h, w) the known region, for 4-channel UNets
     noise: torch.Tensor | None = None  # (B, 4, h, w) brings image_latents to each step's noise level
     masked_image_latents: torch.Tensor | None = None  # (B, 4, h, w) for 9-channel inpainting UNets
-
-
-class InpaintingUNet:
-    """A 9-channel inpainting UNet called as a 4-channel one: [latents | mask | masked image latents] on channels."""
-
-    def __init__(self, unet: torch.nn.Module, mask: torch.Tensor, masked_image_latents: torch.Tensor):
-        self.unet, self.extra = unet, torch.cat([mask, masked_image_latents], dim=1)  # (B, 5, h, w)
-
-    def __call__(self, x: torch.Tensor, *args) -> torch.Tensor:
-        extra = self.extra.repeat(x.shape[0] // self.extra.shape[0], 1, 1, 1)  # [negative, positive] under CFG
-        return self.unet(torch.cat([x, extra], dim=1), *args)
-
-
-@torch.no_grad()
-def denoise_inpaint(
-    unet: torch.nn.Module,
-    schedule: Schedule,
-    latents: torch.Tensor,
-    conditioning: Conditioning,
-    inputs: InpaintInputs,
-    start: int = 0,
-    end: int | None = None,
-    guidance_scale: float = 7.5,
-    guidance_rescale: float = 0.0,
-    generator: GeneratorLike = None,
-    on_step: OnStep | None = None,
-) -> torch.Tensor:
-    """`denoise` for inpainting: a 9-channel UNet sees the mask and masked image; with a 4-channel UNet
-    the known region is put back after each step, noised to the next step's level (clean after the last).
-    """
-    end = schedule.num_steps if end is None else end
-    if is_inpainting_unet(unet.config.in_channels):
-        if inputs.masked_image_latents is None:
-            raise ValueError("an inpainting UNet needs the masked image: pass an image in pixels, "
-                             "or `masked_image_latents` with image latents")
-        unet = InpaintingUNet(unet, inputs.mask, inputs.masked_image_latents)
-        return denoise(unet, schedule, latents, conditioning, start, end, guidance_scale, guidance_rescale,
-                       generator, on_step=on_step)
-    state = {}  # the sampler's history, carried across the one-step calls
-    for i in range(start, end):
-        latents = denoise(unet, schedule, latents, conditioning, i, i + 1, guidance_scale, guidance_rescale,
-                          generator, state)
-        known = inputs.image_latents
-        if i + 1 < end:
-            known = schedule.sampler.add_noise(schedule, known, inputs.noise, i + 1)
-        latents = (1 - inputs.mask) * known + inputs.mask * latents
-        if on_step is not None and on_step(i - start, end - start, latents) is False:
-            raise DenoisingCancelled(i - start + 1, latents)
-    return latents

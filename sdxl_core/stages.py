@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from sdxl_core.denoise import Conditioning, OnStep, denoise
+from sdxl_core.configs import UNetConfig
+from sdxl_core.denoise import Conditioning, Denoising, OnStep
 from sdxl_core.latents import VAE_SCALE_FACTOR, noise_latents, postprocess, sample_image_latents, tile
-from sdxl_core.masks import InpaintInputs, denoise_inpaint, encode, masked_image, repeat_to_batch, sample_dtype
+from sdxl_core.masks import InpaintInputs, encode, masked_image, repeat_to_batch, sample_dtype
 from sdxl_core.noise import GeneratorLike, randn
-from sdxl_core.request import LATENT_CHANNELS, DenoisePlan, is_inpainting_unet
+from sdxl_core.request import LATENT_CHANNELS, DenoisePlan, Mode, is_inpainting_unet
 from sdxl_core.vae import AutoencoderKL, latents_to_images
 from sdxl_core.watermark import apply_watermark
 
@@ -123,15 +124,15 @@ def encode_inpaint_stage(
     return EncodedImage(latents, mask_latents, masked, draws)
 
 
-# --- the denoiser side: one function per mode, each running a DenoisePlan
+# --- the denoiser side: one function per mode, each starting a run of a DenoisePlan (`*_start`, for a serving
+# engine to step with others) or running it alone (`*_denoise`)
 
 
-@torch.no_grad()
-def text2img_denoise(
-    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, generator: GeneratorLike,
+def text2img_start(
+    unet_config: UNetConfig, plan: DenoisePlan, conditioning: Conditioning, generator: GeneratorLike,
     device: torch.device, dtype: torch.dtype, *, latents: torch.Tensor | None = None,
     latent_size: tuple[int, int] | None = None, on_step: OnStep | None = None,
-) -> torch.Tensor:
+) -> Denoising:
     """Text-to-image: the plan's steps from the given `latents`, or from noise of `latent_size` (h, w)."""
     schedule = plan.schedule
     if latents is None:
@@ -139,14 +140,13 @@ def text2img_denoise(
         latents = noise_latents(shape, schedule, generator, device, dtype)
     else:  # diffusers scales given latents by init_noise_sigma too
         latents = _as_sent(latents, device, dtype) * schedule.init_noise_sigma
-    return _run(unet, plan, latents, conditioning, generator, on_step)
+    return _run(plan, latents, conditioning, generator, on_step)
 
 
-@torch.no_grad()
-def img2img_denoise(
-    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
+def img2img_start(
+    unet_config: UNetConfig, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
     generator: GeneratorLike, device: torch.device, dtype: torch.dtype, *, on_step: OnStep | None = None,
-) -> torch.Tensor:
+) -> Denoising:
     """Image-to-image: the image latents noised to the plan's start (as they are with `denoising_start`).
 
     Skips `image.draws` first, so a generator in the request's initial state draws as the pipeline does.
@@ -156,21 +156,20 @@ def img2img_denoise(
     if plan.add_noise:
         noise = randn(latents.shape, generator, device, dtype)
         latents = plan.schedule.sampler.add_noise(plan.schedule, latents, noise, plan.start)
-    return _run(unet, plan, latents, conditioning, generator, on_step)
+    return _run(plan, latents, conditioning, generator, on_step)
 
 
-@torch.no_grad()
-def inpaint_denoise(
-    unet: torch.nn.Module, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
+def inpaint_start(
+    unet_config: UNetConfig, plan: DenoisePlan, conditioning: Conditioning, image: EncodedImage,
     generator: GeneratorLike, device: torch.device, dtype: torch.dtype, *, on_step: OnStep | None = None,
-) -> torch.Tensor:
+) -> Denoising:
     """Inpainting: from the noised image latents, or pure noise (`plan.from_noise`), repainting under the mask.
 
     Skips `image.draws` first, so a generator in the request's initial state draws as the pipeline does.
     """
     B, draws, schedule = conditioning.batch_size, image.draws, plan.schedule
     skip_draws(generator, draws.image_samples, _latent_shape(image), draws.dtype)
-    if image.image_latents is None and plan.needs_image_latents(unet.config.in_channels):
+    if image.image_latents is None and plan.needs_image_latents(unet_config.in_channels):
         raise ValueError("image latents are needed unless a 9-channel inpainting UNet starts from pure noise "
                          "(strength 1, no denoising_start)")
     known = None if image.image_latents is None else repeat_to_batch(
@@ -184,15 +183,37 @@ def inpaint_denoise(
     else:
         latents = schedule.sampler.add_noise(schedule, known, noise, plan.start)
     mask = repeat_to_batch(_as_sent(image.mask, device, dtype), B, "mask")
-    masked = image.masked_image_latents if is_inpainting_unet(unet.config.in_channels) else None
+    inpainting_unet = is_inpainting_unet(unet_config.in_channels)
+    masked = image.masked_image_latents if inpainting_unet else None
     masked = None if masked is None else repeat_to_batch(_as_sent(masked, device, dtype), B, "masked image")
-    return denoise_inpaint(unet, schedule, latents, conditioning, InpaintInputs(mask, known, noise, masked),
-                           plan.start, plan.end, plan.guidance_scale, plan.guidance_rescale, generator, on_step)
+    return _run(plan, latents, conditioning, generator, on_step, inpaint=InpaintInputs(mask, known, noise, masked),
+                inpainting_unet=inpainting_unet)
 
 
-def _run(unet, plan: DenoisePlan, latents, conditioning: Conditioning, generator, on_step) -> torch.Tensor:
-    return denoise(unet, plan.schedule, latents, conditioning, plan.start, plan.end, plan.guidance_scale,
-                   plan.guidance_rescale, generator, on_step=on_step)
+def _run(plan: DenoisePlan, latents, conditioning: Conditioning, generator, on_step, **inpaint) -> Denoising:
+    return Denoising(plan.schedule, latents, conditioning, plan.start, plan.end, plan.guidance_scale,
+                     plan.guidance_rescale, generator, on_step=on_step, **inpaint)
+
+
+@torch.no_grad()
+def text2img_denoise(unet: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """text2img_start's run, alone on `unet`."""
+    return text2img_start(unet.config, *args, **kwargs).run(unet)
+
+
+@torch.no_grad()
+def img2img_denoise(unet: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """img2img_start's run, alone on `unet`."""
+    return img2img_start(unet.config, *args, **kwargs).run(unet)
+
+
+@torch.no_grad()
+def inpaint_denoise(unet: torch.nn.Module, *args, **kwargs) -> torch.Tensor:
+    """inpaint_start's run, alone on `unet`."""
+    return inpaint_start(unet.config, *args, **kwargs).run(unet)
+
+
+START = {Mode.TEXT2IMG: text2img_start, Mode.IMG2IMG: img2img_start, Mode.INPAINT: inpaint_start}
 
 
 def _as_sent(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -6,6 +6,8 @@ the same names and shapes, so diffusers-format weights load without a key map.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,10 +135,17 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], config.out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        for step in self.steps():
+            z = step(z)
+        return z
+
+    def steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """forward as a chain of pieces, each run on the last one's output: conv_in and the mid block, every
+        resnet and upsampler of the up blocks, the output head. A serving engine runs other work between them."""
+        pieces = [lambda z: self.mid_block(self.conv_in(z))]
         for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+            pieces += [*block.resnets, *(block.upsamplers or [])]
+        return pieces + [lambda x: self.conv_out(F.silu(self.conv_norm_out(x)))]
 
 
 class LatentDistribution:
@@ -182,8 +191,12 @@ class AutoencoderKL(nn.Module):
         """Unscaled latents (B, 4, h, w) -> images in [-1, 1], (B, 3, 8h, 8w)."""
         return self.decoder(self.post_quant_conv(z))
 
+    def decode_steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """decode as a chain of pieces (Decoder.steps)."""
+        return [self.post_quant_conv, *self.decoder.steps()]
 
-def _computing_vae(vae: AutoencoderKL) -> AutoencoderKL:
+
+def computing_vae(vae: AutoencoderKL) -> AutoencoderKL:
     """The VAE to compute with: `vae`, or a float32 copy when half weights must be upcast."""
     onload(vae)  # with model CPU offload, bring the VAE to its execution device first
     if not (vae.config.force_upcast and vae.dtype in (torch.float16, torch.bfloat16)):
@@ -202,7 +215,7 @@ def images_to_latents(
     vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike = None, sample: bool = True
 ) -> torch.Tensor:
     """Images in [-1, 1] -> latents in the UNet's space, scaled (diffusers' SDXL img2img prepare_latents)."""
-    model = _computing_vae(vae)
+    model = computing_vae(vae)
     posterior = model.encode(images.to(device=model.device, dtype=model.dtype))
     latents = posterior.sample(generator) if sample else posterior.mode()
     return vae.config.scaling_factor * latents.to(images.dtype)  # (B, 4, H/8, W/8)
@@ -211,6 +224,6 @@ def images_to_latents(
 @torch.no_grad()
 def latents_to_images(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Latents in the UNet's space -> images in [-1, 1] (diffusers' StableDiffusionXLPipeline.__call__)."""
-    model = _computing_vae(vae)
+    model = computing_vae(vae)
     latents = latents.to(device=model.device, dtype=model.dtype)
     return model.decode(latents / vae.config.scaling_factor)  # (B, 3, 8h, 8w)

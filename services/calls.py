@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 import uuid
 from contextvars import ContextVar
 
@@ -49,6 +50,12 @@ def remaining_timeout(context: grpc.ServicerContext, margin_s: float = 0.0) -> f
     if remaining is None or remaining > _NO_DEADLINE_S:
         return None
     return max(remaining - margin_s, 0.0)
+
+
+def deadline(context: grpc.ServicerContext) -> float | None:
+    """This RPC's deadline on time.monotonic()'s clock, or None if unbounded."""
+    remaining = remaining_timeout(context)
+    return None if remaining is None else time.monotonic() + remaining
 
 
 def call_options(context: grpc.ServicerContext, margin_s: float = 0.0) -> dict:

@@ -6,19 +6,17 @@ The base and the refiner serve the same service with a different UNet; the stage
 from __future__ import annotations
 
 import math
-import queue
 import secrets
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from google.protobuf import json_format
 
 from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc, stage_pb2
-from sdxl_core.denoise import Conditioning, DenoisingCancelled
+from sdxl_core.denoise import Conditioning, Denoising, OnStep
 from sdxl_core.latents import VAE_SCALE_FACTOR, preview
 from sdxl_core.loading import load_single_file, load_unet, model_type
 from sdxl_core.loading.folder import read_json
@@ -26,7 +24,7 @@ from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings
 from sdxl_core.request import SCHEDULER, DenoisePlan, MicroConditioning, Mode, is_inpainting_unet, plan_denoise
 from sdxl_core.schedulers import SCHEDULERS
-from sdxl_core.stages import Draws, EncodedImage, img2img_denoise, inpaint_denoise, text2img_denoise
+from sdxl_core.stages import START, Draws, EncodedImage, text2img_start
 from sdxl_wire.tensors import (
     DTYPES,
     FLOATS,
@@ -39,12 +37,16 @@ from sdxl_wire.tensors import (
 )
 
 from . import calls, metrics
+from .denoise_engine import DenoiseEngine, DenoiseWork, RowBudget
 from .describe import struct, unet_description
-from .errors import Cancelled
+from .engine import Job, priority
 from .server import Server, ServerOptions
 
 SERVICE = "sdxl.v1.Denoiser"
 add_servicer = denoiser_pb2_grpc.add_DenoiserServicer_to_server
+# The engine holds this many calls at once, stepping them together; as many more wait for a place. A call holds
+# only its embeddings and latents until it runs, so both bounds can be deep.
+OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
 MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps is never useful
 MAX_SIDE = 8192  # pixels per side when no latents are sent; bounds the work of one call
 MAX_PREVIEW_BYTES = 1 << 20  # denoiser.proto: previews over 1 MiB are left out
@@ -53,7 +55,7 @@ TENSOR_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds
 
 
 @dataclass(frozen=True)
-class Job:
+class DenoiseCall:
     """One validated Denoise call: its plan, its inputs, and the seed of its generator."""
 
     plan: DenoisePlan
@@ -63,6 +65,15 @@ class Job:
     latent_size: tuple[int, int]  # (h, w)
     image: EncodedImage | None  # img2img / inpaint
     preview: bool
+
+    @property
+    def rows(self) -> int:
+        return self.conditioning.batch_size * (2 if self.plan.guided else 1)
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """Calls of one key may share a UNet forward: (h, w, context length)."""
+        return (*self.latent_size, self.conditioning.prompt_embeds.shape[1])
 
 
 def read_stream(requests: Iterator[denoiser_pb2.DenoiseRequest]) -> tuple[denoiser_pb2.DenoiseHeader, dict]:
@@ -94,11 +105,13 @@ def scheduler_options(header: denoiser_pb2.DenoiseHeader) -> dict:
 
 
 class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
-    """Denoise over one UNet; holds no per-request state."""
+    """Denoise over one UNet, whose engine advances every call it holds step by step."""
 
-    def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS):
+    def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS,
+                 policy: str = "batch", max_batch_rows: int | None = None):
         self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
         self.stage = model_type(unet.config)  # base, refiner or inpainting: the server's and the metrics' name
+        self.engine = DenoiseEngine(unet, self.stage, policy, RowBudget(max_batch_rows))
 
     @property
     def device(self) -> torch.device:
@@ -111,45 +124,23 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             limits=stage_pb2.StageLimits(max_steps=self.max_steps, max_side=MAX_SIDE))
 
     def Denoise(self, request_iterator, context):
-        """Header and tensors in; progress per step, then the latents, out. The UNet runs on a worker thread
-        that stops at its next step once the call is cancelled or past its deadline."""
-        job = self.prepare(*read_stream(request_iterator))
-        metrics.observe_batch(self.stage, "Denoise", job.conditioning.prompt_embeds.shape[0])
-        ended, stop, events = calls.watch(context), threading.Event(), queue.Queue()
-        last_step = [time.perf_counter()]
+        """Header and tensors in; progress per step, then the latents, out. This thread decodes and checks the
+        request and relays its events; the engine's worker runs the UNet and drops the job once the call ends."""
+        yield denoiser_pb2.DenoiseResponse(admitted=denoiser_pb2.Admitted())  # before the request is read
+        header, tensors = read_stream(request_iterator)
+        call = self.prepare(header, tensors)
+        metrics.observe_batch(self.stage, "Denoise", call.conditioning.batch_size)
+        work = DenoiseWork(partial(self.start, call), call.key, call.rows)
+        job = self.engine.submit(Job(work, priority(header.priority), calls.deadline(context), calls.watch(context)))
+        for kind, value in self.engine.events(job):
+            if kind == "progress":
+                yield denoiser_pb2.DenoiseResponse(progress=self.progress(*value, call.preview))
+            else:
+                for chunk in to_proto_chunks("latents", value):
+                    yield denoiser_pb2.DenoiseResponse(chunk=chunk)
 
-        def on_step(i: int, total: int, latents: torch.Tensor) -> bool:
-            now = time.perf_counter()
-            metrics.observe_step(self.stage, now - last_step[0])
-            last_step[0] = now
-            events.put(("progress", self.progress(i + 1, total, latents, job.preview)))
-            return not (ended.is_set() or stop.is_set())
-
-        def work() -> None:
-            try:
-                events.put(("latents", self.run(job, on_step)))
-            except BaseException as exc:  # noqa: BLE001 -- handed to the RPC's thread, which raises it
-                events.put(("error", exc))
-
-        worker = threading.Thread(target=work, name="sdxl-denoise", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, value = events.get()
-                if kind == "progress":
-                    yield denoiser_pb2.DenoiseResponse(progress=value)
-                elif kind == "error":
-                    if isinstance(value, DenoisingCancelled):
-                        calls.ensure_active(context)
-                        raise Cancelled(str(value))
-                    raise value
-                else:
-                    for chunk in to_proto_chunks("latents", value):
-                        yield denoiser_pb2.DenoiseResponse(chunk=chunk)
-                    return
-        finally:
-            stop.set()  # the client left or the call failed: the worker stops at its next step
-            worker.join()
+    def close(self) -> None:
+        self.engine.stop()
 
     def progress(self, step: int, total: int, latents: torch.Tensor, with_preview: bool):
         """A progress event, with a preview when asked for and small enough."""
@@ -160,7 +151,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
                 event.preview.CopyFrom(to_proto(small, "preview"))
         return event
 
-    def prepare(self, header: denoiser_pb2.DenoiseHeader, tensors: dict) -> Job:
+    def prepare(self, header: denoiser_pb2.DenoiseHeader, tensors: dict) -> DenoiseCall:
         """Check the header and tensors against the UNet and each other; ValueError names the field."""
         check_scalars(header, self.max_steps)
         config, dims = self.unet.config, {}
@@ -190,7 +181,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         time_ids = micro_conditioning(header.micro_conditioning).time_ids(config, *pixels, from_image=image is not None)
         conditioning = Conditioning.from_prompt(embeddings, *time_ids)
         seed = header.seed if header.HasField("seed") else secrets.randbits(63)
-        return Job(plan, conditioning, seed, latents, size, image, header.preview)
+        return DenoiseCall(plan, conditioning, seed, latents, size, image, header.preview)
 
     def plan(self, header: denoiser_pb2.DenoiseHeader, mode: Mode) -> DenoisePlan:
         """The request's plan over this UNet and the model's scheduler config with the request's overrides."""
@@ -241,15 +232,14 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             sides.append(value // VAE_SCALE_FACTOR)
         return sides[0], sides[1]
 
-    def run(self, job: Job, on_step) -> torch.Tensor:
-        """The job's mode's denoise on a CPU generator seeded with the request's seed (DESIGN.md "Seeds")."""
-        generator = torch.Generator("cpu").manual_seed(job.seed)
+    def start(self, call: DenoiseCall, on_step: OnStep) -> Denoising:
+        """The call's run, on a CPU generator seeded with the request's seed (DESIGN.md "Seeds")."""
+        generator = torch.Generator("cpu").manual_seed(call.seed)
         common = dict(generator=generator, device=self.device, dtype=self.unet.dtype, on_step=on_step)
-        if job.plan.mode is Mode.TEXT2IMG:
-            return text2img_denoise(self.unet, job.plan, job.conditioning, latents=job.latents,
-                                    latent_size=job.latent_size, **common)
-        denoise = img2img_denoise if job.plan.mode is Mode.IMG2IMG else inpaint_denoise
-        return denoise(self.unet, job.plan, job.conditioning, job.image, **common)
+        if call.plan.mode is Mode.TEXT2IMG:
+            return text2img_start(self.unet.config, call.plan, call.conditioning, latents=call.latents,
+                                  latent_size=call.latent_size, **common)
+        return START[call.plan.mode](self.unet.config, call.plan, call.conditioning, call.image, **common)
 
 
 def check_divides_batch(dims: dict) -> None:
@@ -293,20 +283,20 @@ def load_denoiser(model: str | Path, device: str = "cpu", dtype: str = "float32"
     return unet, read_json(root / "scheduler" / "scheduler_config.json")
 
 
-def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32") -> DenoiserServicer:
-    return DenoiserServicer(*load_denoiser(model, device, dtype))
+def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32", **engine) -> DenoiserServicer:
+    return DenoiserServicer(*load_denoiser(model, device, dtype), **engine)
 
 
-def make_server(servicer: DenoiserServicer, address: str = "[::]:0",
-                options: ServerOptions = ServerOptions()) -> Server:
+def make_server(servicer: DenoiserServicer, address: str = "[::]:0", options: ServerOptions = OPTIONS) -> Server:
     """A started, SERVING Denoiser server named after its UNet's type (base, refiner, inpainting)."""
-    server = Server(servicer.stage, [(add_servicer, servicer)], [SERVICE], address, options)
+    server = Server(servicer.stage, [(add_servicer, servicer)], [SERVICE], address, options, on_stop=servicer.close)
     server.start()
     server.set_serving(servicer.describe())
     return server
 
 
 def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
-          options: ServerOptions = ServerOptions()) -> Server:
-    """Load the UNet and scheduler config, then a started, SERVING Denoiser server."""
-    return make_server(load_servicer(model, device, dtype), address, options)
+          options: ServerOptions = OPTIONS, **engine) -> Server:
+    """Load the UNet and scheduler config, then a started, SERVING Denoiser server; `engine`: policy and
+    max_batch_rows, as DenoiserServicer takes them."""
+    return make_server(load_servicer(model, device, dtype, **engine), address, options)

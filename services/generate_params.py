@@ -7,7 +7,7 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from sdxl.v1 import orchestrator_pb2, tensor_pb2
+from sdxl.v1 import orchestrator_pb2, stage_pb2, tensor_pb2
 from sdxl_core.request import HIGH_NOISE_FRAC, Mode, from_pure_noise, guidance_scale_for, strength_for
 from sdxl_core.schedulers import SCHEDULERS
 
@@ -118,6 +118,8 @@ def check_params(request: Generate, limits: Limits, has_refiner: bool) -> None:
     for name in ("scheduler", "refiner_scheduler"):
         if getattr(p, name) and getattr(p, name) not in SCHEDULERS:
             raise ValueError(f"`{name}` must be one of {', '.join(SCHEDULERS)}, got {getattr(p, name)!r}")
+    if p.priority not in stage_pb2.Priority.values():
+        raise ValueError(f"`priority` must be one of {', '.join(stage_pb2.Priority.keys())}, got {p.priority}")
     _check_mode(request)
     _check_refiner(p, has_refiner)
 

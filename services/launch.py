@@ -13,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import grpc
@@ -21,14 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sdxl_wire import FLOAT_DTYPES
 
+from .engine import POLICIES
 from .placement import (
     STAGES,
     check_device,
     check_visible,
     default_dtype,
     default_placement,
+    host_cores,
     parse_devices,
     parse_placement,
+    parse_threads,
+    split_threads,
     visible_gpus,
 )
 
@@ -52,6 +56,7 @@ class StageProcess:
     stage: str
     device: str
     dtype: str
+    threads: int | None = None  # torch's CPU threads; None: torch's default (OMP_NUM_THREADS, else every core)
 
 
 @dataclass(frozen=True)
@@ -60,7 +65,9 @@ class ServeOptions:
 
     A stage's devices: its own `{stage}_device`, else its `placement` entry, else `device`, else the default
     placement over the visible GPUs (placement.default_placement). Several devices ("cuda:0+cuda:1") start a
-    replica on each. Its dtype: `{stage}_dtype`, else `dtype`, else placement.default_dtype.
+    replica on each. Its dtype: `{stage}_dtype`, else `dtype`, else placement.default_dtype. Its torch threads:
+    its `threads` entry, else a share of the host's cores (placement.split_threads), unless OMP_NUM_THREADS is
+    set: then every process not named in `threads` keeps what the variable gives it.
     """
 
     base_model: str | None = None
@@ -79,6 +86,11 @@ class ServeOptions:
     base_dtype: str | None = None
     refiner_dtype: str | None = None
     vae_dtype: str | None = None
+    threads: str | None = None  # "base=12,refiner=3": torch threads per process of those stages
+    policy: str | None = None  # every stage's engine policy (stage.py --policy); None: theirs
+    max_batch_rows: int | None = None  # the base's and refiner's row budget; None: measured
+    vae_tile: int | None = None  # the VAE's --vae-tile; None: its default (whole images, layer by layer)
+    vae_whole_pixels: int | None = None  # the VAE's --vae-whole-pixels; None: its default
     start_timeout_s: float = 600.0  # loading full-size weights from a cold disk takes minutes
     grace_s: float = 30.0  # the stages drain for up to 25 s on SIGTERM
 
@@ -92,6 +104,14 @@ class ServeOptions:
         for stage in STAGES:
             if own := getattr(self, f"{stage}_device"):
                 parse_devices(own, f"--{_flag(stage)}-device")
+        parse_threads(self.threads or "")
+        if self.policy is not None and self.policy not in POLICIES:
+            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.max_batch_rows is not None and self.max_batch_rows < 1:
+            raise ValueError(f"--max-batch-rows must be >= 1, got {self.max_batch_rows}")
+        for flag, value in (("--vae-tile", self.vae_tile), ("--vae-whole-pixels", self.vae_whole_pixels)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
 
     def devices(self, stage: str, gpus: int) -> tuple[str, ...]:
         """The devices of `stage`'s processes on a host with `gpus` visible GPUs."""
@@ -103,8 +123,9 @@ class ServeOptions:
             return (self.device,)
         return default_placement(gpus, refiner=not self.no_refiner)[stage]
 
-    def processes(self, gpus: int) -> list[StageProcess]:
-        """Every stage process, in start order; ValueError if base replicas would differ in dtype."""
+    def processes(self, gpus: int, cores: int | None = None) -> list[StageProcess]:
+        """Every stage process, in start order, on a host with `gpus` GPUs and `cores` CPUs (None: this
+        process's); ValueError if base replicas would differ in dtype."""
         processes = []
         for stage in STAGES:
             if stage == "refiner" and self.no_refiner:
@@ -118,15 +139,32 @@ class ServeOptions:
         if len(base_dtypes) > 1:  # Vae.Encode computes in the base's dtype: replicas must agree on it
             raise ValueError(f"the base replicas would run in {' and '.join(base_dtypes)} (cpu and GPU defaults); "
                              "give them one dtype with --base-dtype")
-        return processes
+        return self._with_threads(processes, host_cores() if cores is None else cores)
+
+    def _with_threads(self, processes: list[StageProcess], cores: int) -> list[StageProcess]:
+        fixed = parse_threads(self.threads or "")
+        threads = split_threads(cores, {p.name: (p.stage, p.device) for p in processes}, fixed)
+        inherit = "OMP_NUM_THREADS" in os.environ  # the user's choice for every process, as torch reads it
+        return [replace(p, threads=None if inherit and p.stage not in fixed else threads[p.name])
+                for p in processes]
 
     def stage_args(self, process: StageProcess) -> list[str]:
-        """The model, device and dtype arguments of one stage process."""
+        """The model, device, dtype, threads and engine arguments (base, refiner: row budget; VAE: tiles) of one
+        stage process."""
         model = self.refiner_model if process.stage == "refiner" else self.base_model
         args = ["--model", model] if model else []
         if process.stage == "text_encoder" and self.refiner_model and not self.no_refiner:
             args += ["--refiner-model", self.refiner_model]  # the refiner's own text encoder
-        return args + ["--device", process.device, "--dtype", process.dtype]
+        args += ["--device", process.device, "--dtype", process.dtype]
+        if process.threads is not None:
+            args += ["--threads", str(process.threads)]
+        args += ["--policy", self.policy] if self.policy else []
+        if process.stage in ("base", "refiner"):
+            args += ["--max-batch-rows", str(self.max_batch_rows)] if self.max_batch_rows else []
+        if process.stage == "vae":
+            args += ["--vae-tile", str(self.vae_tile)] if self.vae_tile else []
+            args += ["--vae-whole-pixels", str(self.vae_whole_pixels)] if self.vae_whole_pixels else []
+        return args
 
     def orchestrator_args(self, processes: list[StageProcess], addresses: dict[str, str]) -> list[str]:
         """Each stage's addresses, replicas as one list; the orchestrator asks the stages the rest (Describe)."""
@@ -291,8 +329,9 @@ class Cluster:
             raise
 
     def placed(self) -> dict[str, str]:
-        """"device dtype" of each stage process, by name."""
-        return {p.name: f"{p.device} {p.dtype}" for p in self.processes}
+        """"device dtype [threads=N]" of each stage process, by name."""
+        return {p.name: f"{p.device} {p.dtype}" + (f" threads={p.threads}" if p.threads else "")
+                for p in self.processes}
 
     def endpoints(self) -> dict[str, str]:
         """Each process's address, by process name."""
@@ -366,6 +405,19 @@ def parser() -> argparse.ArgumentParser:
                                                          "float32 on cpu, float16 on a GPU (the VAE float32)")
     for stage in STAGES:
         p.add_argument(f"--{_flag(stage)}-dtype", choices=FLOAT_DTYPES, help=f"the {stage} stage's dtype")
+    p.add_argument("--threads", metavar="STAGE=N,...",
+                   help="torch's CPU threads in each process of those stages, e.g. 'base=12,vae=2'; default: the "
+                        "host's cores split by each stage's compute, 1 per GPU-placed process "
+                        "(services/placement.py split_threads); with OMP_NUM_THREADS set, that for the rest")
+    p.add_argument("--policy", choices=POLICIES, help="every stage's engine policy (default: batch)")
+    p.add_argument("--max-batch-rows", type=int, metavar="N",
+                   help="the base's and refiner's rows per UNet forward; default: measured on the device")
+    p.add_argument("--vae-tile", type=int, metavar="PIXELS",
+                   help="the VAE decodes images larger than this a tile at a time (a multiple of 32, at least 64); "
+                        "default: whole images, layer by layer")
+    p.add_argument("--vae-whole-pixels", type=int, metavar="PIXELS",
+                   help="the VAE decodes images of up to this many pixels whole (default 512 x 512), larger ones a "
+                        "piece at a time, smaller decodes taking turns between the pieces")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every stage to be SERVING")
     return p
 
@@ -374,6 +426,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(
         base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
         host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
+        threads=args.threads, policy=args.policy, max_batch_rows=args.max_batch_rows,
+        vae_tile=args.vae_tile, vae_whole_pixels=args.vae_whole_pixels,
         start_timeout_s=args.start_timeout,
         **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in STAGES for kind in ("device", "dtype")},
     )

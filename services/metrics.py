@@ -2,10 +2,13 @@
 
 sdxl_requests_total{stage,method,code}         requests finished, by status code
 sdxl_request_duration_seconds{stage,method}    latency including time queued (histogram)
-sdxl_queue_depth{stage}                        requests waiting for a worker slot now (the autoscaling signal)
-sdxl_inflight_requests{stage}                  requests running now
-sdxl_step_duration_seconds{stage}              one denoising step, UNet and sampler (histogram)
+sdxl_queue_depth{stage}                        requests waiting beyond --max-concurrency for a place in the engine
+sdxl_inflight_requests{stage}                  requests the engine holds now (the autoscaling signal)
+sdxl_step_duration_seconds{stage}              one denoiser engine iteration: a forward and its samplers (histogram)
 sdxl_batch_size{stage,method}                  images per request (histogram)
+sdxl_engine_active_jobs{stage}                 jobs the stage's engine holds now (being advanced or waiting a turn)
+sdxl_engine_queue_wait_seconds{stage}          from a job's submission to its first unit of work (histogram)
+sdxl_engine_rows_per_forward{stage}            rows (two per guided image) in one UNet forward or encode (histogram)
 sdxl_model_info{stage,model,device,dtype}      1, for the loaded model
 sdxl_accelerator_memory_bytes{stage,device,kind}  CUDA memory allocated / reserved by torch, read at scrape time
 """
@@ -38,6 +41,15 @@ STEP = prometheus_client.Histogram(
 BATCH = prometheus_client.Histogram(
     "sdxl_batch_size", "Images per request, by stage and method.", ["stage", "method"], buckets=(1, 2, 4, 8, 16, 32)
 )
+ACTIVE_JOBS = prometheus_client.Gauge("sdxl_engine_active_jobs", "Jobs the stage's engine holds now.", ["stage"])
+QUEUE_WAIT = prometheus_client.Histogram(
+    "sdxl_engine_queue_wait_seconds", "From a job's submission to the engine to its first unit of work.", ["stage"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+ROWS = prometheus_client.Histogram(
+    "sdxl_engine_rows_per_forward", "Rows in one UNet forward (two per guided image) or one encode, by stage.",
+    ["stage"], buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 MODEL = prometheus_client.Info("sdxl_model", "The loaded model's path, device and dtype.", ["stage"])
 
 
@@ -51,6 +63,18 @@ def track_admission(stage: str, waiting: Callable[[], float], running: Callable[
     """Export a stage's queue depth and in-flight count, read from its admission at scrape time."""
     QUEUE_DEPTH.labels(stage).set_function(waiting)
     IN_FLIGHT.labels(stage).set_function(running)
+
+
+def track_engine(stage: str, active: Callable[[], float]) -> None:
+    ACTIVE_JOBS.labels(stage).set_function(active)
+
+
+def observe_forward(stage: str, rows: int) -> None:
+    ROWS.labels(stage).observe(rows)
+
+
+def observe_queue_wait(stage: str, seconds: float) -> None:
+    QUEUE_WAIT.labels(stage).observe(seconds)
 
 
 def observe_step(stage: str, seconds: float) -> None:

@@ -10,6 +10,7 @@ Inpainting, both are SDXLInpaintPipeline and the refiner gets the base's mask wi
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -50,6 +51,7 @@ class InFlight:
         self._lock = threading.Lock()
         self._calls: list[grpc.Future] = []
         self._ended = False
+        self.ended = threading.Event()
         if not context.add_callback(self.cancel):
             self.cancel()
 
@@ -61,10 +63,37 @@ class InFlight:
         return call
 
     def cancel(self) -> None:
+        self.ended.set()
         with self._lock:
             self._ended = True
             for call in self._calls:
                 call.cancel()  # a no-op on a finished call
+
+
+class Reservation:
+    """A Denoise call opened before its inputs exist: the stage admits it, or refuses it, before any other stage
+    spends time on the request. `send` gives it its messages once they are there."""
+
+    def __init__(self, run: Run, name: str, stub: denoiser_pb2_grpc.DenoiserStub):
+        self._messages: queue.SimpleQueue = queue.SimpleQueue()
+        self._ended = run.calls.ended
+        self.responses = run.stage_call(name, stub.Denoise, self._requests())
+        next(self.responses)  # Admitted, or the stage's error (RESOURCE_EXHAUSTED when full) aborts the Generate
+
+    def _requests(self) -> Iterator[denoiser_pb2.DenoiseRequest]:
+        while not self._ended.is_set():  # the Generate ended before sending: let grpc's reader go
+            try:
+                message = self._messages.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            if message is None:
+                return
+            yield message
+
+    def send(self, messages: Iterable[denoiser_pb2.DenoiseRequest]) -> None:
+        for message in messages:
+            self._messages.put(message)
+        self._messages.put(None)
 
 
 def _renamed(chunks: Iterable[tensor_pb2.TensorChunk], names: dict[str, str]) -> Iterator[tensor_pb2.TensorChunk]:
@@ -116,6 +145,9 @@ class Run:
 
     def responses(self) -> Iterator[orchestrator_pb2.GenerateResponse]:
         p = self.request.params
+        # A place at the denoisers first: a request they would refuse costs no text-encoder or VAE time.
+        base = Reservation(self, "base", self.stubs.base)
+        refiner = Reservation(self, "refiner", self.stubs.refiner) if p.refiner != NONE else None
         yield _progress(Stage.STAGE_ENCODE_PROMPT, 0)
         prompts = list(self.encode_prompt())
         yield _progress(Stage.STAGE_ENCODE_PROMPT, 1)
@@ -128,7 +160,8 @@ class Run:
                 images.extend(response.chunks)
             yield _progress(Stage.STAGE_ENCODE_IMAGE, 1)
         latents = []
-        yield from self.denoise(Stage.STAGE_BASE, base_header, _renamed(prompts, _prefixed("base")), images, latents)
+        yield from self.denoise(Stage.STAGE_BASE, base, base_header, _renamed(prompts, _prefixed("base")), images,
+                                latents)
         if p.refiner != NONE:
             # The refiner starts from the base's latents as they are (no encode, no draws of the VAE's to skip);
             # inpainting, it blends with them under the base's mask, as SDXLInpaintPipeline given latents does.
@@ -136,7 +169,7 @@ class Run:
             if p.mode == INPAINT:
                 base_latents += _renamed(images, {"mask": "mask"})
             latents = []
-            yield from self.denoise(Stage.STAGE_REFINER, self.refiner_header(),
+            yield from self.denoise(Stage.STAGE_REFINER, refiner, self.refiner_header(),
                                     _renamed(prompts, _prefixed("refiner")), base_latents, latents)
         yield _progress(Stage.STAGE_DECODE, 0)
         yield from self.decode(latents)
@@ -150,7 +183,7 @@ class Run:
         request = text_encoder_pb2.EncodePromptRequest(
             prompt=p.prompt, prompt_2=p.prompt_2, negative_prompt=p.negative_prompt,
             negative_prompt_2=p.negative_prompt_2, targets=targets, num_images_per_prompt=p.num_images_per_prompt,
-            guided=self.request.guidance_scale > 1)
+            guided=self.request.guidance_scale > 1, priority=p.priority)
         for response in self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, request):
             yield from response.chunks
 
@@ -158,7 +191,7 @@ class Run:
         p, base = self.request.params, self.base_model()
         in_channels = base.unet.in_channels
         header = vae_pb2.EncodeHeader(
-            seed=self.request.seed, height=p.height, width=p.width, batch_size=self.request.batch_size,
+            priority=p.priority, seed=self.request.seed, height=p.height, width=p.width, batch_size=self.request.batch_size,
             masked_image_latents=p.mode == INPAINT and is_inpainting_unet(in_channels), dtype=base.dtype,
             skip_image_latents=not needs_image_latents(in_channels, self.request.from_pure_noise()))
         messages = [vae_pb2.EncodeRequest(header=header)]
@@ -195,17 +228,17 @@ class Run:
         header = denoiser_pb2.DenoiseHeader(
             scheduler=scheduler, num_inference_steps=steps, guidance_scale=self.request.guidance_scale,
             guidance_rescale=p.guidance_rescale, seed=self.request.seed, micro_conditioning=p.micro_conditioning,
-            preview=p.preview)
+            preview=p.preview, priority=p.priority)
         if p.HasField("scheduler_options"):
             header.scheduler_options.CopyFrom(p.scheduler_options)
         return header
 
-    def denoise(self, stage: int, header, prompts: Iterable, tensors: Iterable, latents: list) -> Iterator:
-        """One Denoise call; its progress relayed, its latents chunks appended to `latents`."""
-        messages = _with_header(denoiser_pb2.DenoiseRequest, header, itertools.chain(prompts, tensors))
-        name = "base" if stage == Stage.STAGE_BASE else "refiner"
-        stub = self.stubs.base if stage == Stage.STAGE_BASE else self.stubs.refiner
-        for response in self.stage_call(name, stub.Denoise, iter(messages)):
+    def denoise(self, stage: int, reservation: Reservation, header, prompts: Iterable, tensors: Iterable,
+                latents: list) -> Iterator:
+        """The reserved Denoise call, sent its messages; its progress relayed, its latents chunks appended to
+        `latents`."""
+        reservation.send(_with_header(denoiser_pb2.DenoiseRequest, header, itertools.chain(prompts, tensors)))
+        for response in reservation.responses:
             if response.WhichOneof("event") == "progress":
                 progress = response.progress
                 preview = progress.preview if progress.HasField("preview") else None
@@ -215,7 +248,7 @@ class Run:
 
     def decode(self, latents: list) -> Iterator[orchestrator_pb2.GenerateResponse]:
         p = self.request.params
-        header = vae_pb2.DecodeHeader(output_format=p.output_format)
+        header = vae_pb2.DecodeHeader(output_format=p.output_format, priority=p.priority)
         if p.HasField("watermark"):
             header.watermark = p.watermark
         messages = _with_header(vae_pb2.DecodeRequest, header, latents)

@@ -13,6 +13,7 @@ from sdxl_core.loading.hub import is_hub_id
 from sdxl_wire import FLOAT_DTYPES
 
 from . import allocator, logs, metrics
+from .engine import POLICIES
 from .server import Pending, Server, ServerOptions
 from .tls import ChannelTls, ServerTls
 
@@ -31,6 +32,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--address", default="[::]:50051", help="HOST:PORT to listen on (port 0: any free port)")
     parser.add_argument("--max-concurrency", type=int, help="requests running at once (default: 1, orchestrator 64)")
     parser.add_argument("--max-queue", type=int, help="requests waiting beyond those (default: 4, orchestrator 64)")
+    parser.add_argument("--policy", choices=POLICIES, default="batch",
+                        help="how the stage's engine serves the calls it holds: batch (step them together, round "
+                             "robin by priority) or fifo (one at a time, to the end)")
+    parser.add_argument("--max-batch-rows", type=int,
+                        help="rows one unit of work may hold (denoisers: two per guided image per UNet forward; text "
+                             "encoder: prompts; VAE: images per decode); default: measured on this device (denoisers, "
+                             "VAE) or 64 prompts")
+    parser.add_argument("--vae-tile", type=int, metavar="PIXELS",
+                        help="vae: decode images larger than this a tile at a time (blended as diffusers' tiled VAE: "
+                             "less memory, slightly different pixels); default: whole images, layer by layer")
+    parser.add_argument("--vae-whole-pixels", type=int, metavar="PIXELS",
+                        help="vae: decodes of up to this many pixels (default 512 x 512) run whole, and share a decode "
+                             "with others of their size; larger ones run a layer (or tile) at a time, others taking "
+                             "turns between")
+    parser.add_argument("--threads", type=int,
+                        help="torch's CPU threads in this process (default: torch's, every core); `sdxl serve --all` "
+                             "splits the cores between its processes")
     parser.add_argument("--grace", type=float, help="seconds running requests get to finish after SIGTERM")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     tls = parser.add_argument_group("TLS", "PEM files; without --tls-cert the server listens in plaintext")
@@ -63,7 +81,7 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
     if args.stage == "orchestrator":
         from .orchestrator import OPTIONS as defaults
     else:
-        defaults = ServerOptions()
+        defaults = importlib.import_module(f"{__package__}.{MODULES[args.stage]}").OPTIONS
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     given = {"max_concurrency": args.max_concurrency, "max_queue": args.max_queue, "grace_s": args.grace,
              "metrics_port": args.metrics_port, "tls": tls, "health_port": args.health_port}
@@ -96,7 +114,7 @@ def check_models(args: argparse.Namespace) -> None:
 
 def load(args: argparse.Namespace):
     """The stage's servicer with its weights loaded; a missing --model means the tiny default model."""
-    common = dict(device=args.device, dtype=args.dtype)
+    common = dict(device=args.device, dtype=args.dtype, policy=args.policy, max_batch_rows=args.max_batch_rows)
     if args.stage == "text_encoder":
         from .text_encoder import load_servicer
 
@@ -105,7 +123,8 @@ def load(args: argparse.Namespace):
     if args.stage == "vae":
         from .vae import load_servicer
 
-        return load_servicer(args.vae_model or args.model or _tiny("base"), **common)
+        return load_servicer(args.vae_model or args.model or _tiny("base"), **common, tile=args.vae_tile,
+                              whole_pixels=args.vae_whole_pixels)
     from .denoiser import load_servicer
 
     return load_servicer(args.model or _tiny(args.stage), **common)
@@ -132,6 +151,7 @@ def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
 
     def load_weights() -> None:
         pending.servicer = load(args)
+        server.on_stop = getattr(pending.servicer, "close", None)
         description = pending.servicer.describe()
         description.model = args.vae_model or args.model or "tiny"
         server.set_serving(description)
@@ -145,6 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure()
     allocator.keep_message_buffers()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     server, load_weights = open_stage(args)
     host = args.address.rsplit(":", 1)[0]
     print(f"{args.stage} listening on {host}:{server.port}", flush=True)

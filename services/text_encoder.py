@@ -1,7 +1,13 @@
-"""The text-encoder stage: prompts -> the base's and the refiner's embeddings (sdxl_core.prompts.encode_prompt)."""
+"""The text-encoder stage: prompts -> the base's and the refiner's embeddings (sdxl_core.prompts.encode_prompt).
+
+An engine (services/engine.py) owns the encoders: each iteration it encodes the prompts of every call that can
+share an encode_prompt call with the lead call (same targets, guidance, and zero negatives or not) in one, then
+splits the embeddings back per call. Prompts pad to 77 tokens, so rows do not see each other.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +22,53 @@ from sdxl_core.prompts import PromptEmbeddings, encode_prompt
 from sdxl_core.tokenizers import load_tokenizer
 from sdxl_wire.tensors import DTYPES, packed_chunks, wire_dtype
 
-from . import metrics
+from . import calls, metrics
+from .engine import Engine, Job, priority
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
 
 SERVICE = "sdxl.v1.TextEncoder"
 add_servicer = text_encoder_pb2_grpc.add_TextEncoderServicer_to_server
+# The engine encodes the calls it holds together; a waiting call holds only its strings, so both bounds are deep.
+OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
 MAX_BATCH = 64  # prompts x num_images_per_prompt: far above any UNet batch, bounds the work of one call
+MAX_ROWS = 64  # prompts in one encode (--max-batch-rows): 64 x 77 tokens is a small forward on any device
 TARGET_NAMES = {text_encoder_pb2.TARGET_BASE: "base", text_encoder_pb2.TARGET_REFINER: "refiner"}
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """One EncodePrompt call's strings, one per prompt in each list, with the defaults encode_prompt fills in
+    (prompt_2: prompt; negative_prompt: ""; negative_prompt_2: negative_prompt), so that lists concatenate."""
+
+    prompt: list[str]
+    prompt_2: list[str]
+    negative_prompt: list[str]
+    negative_prompt_2: list[str]
+    num_images_per_prompt: int
+    guided: bool
+    zeros: bool  # guided without a negative prompt: a model that forces zeros for empty prompts sends zeros
+    targets: tuple[int, ...]
+
+    @classmethod
+    def of(cls, request: text_encoder_pb2.EncodePromptRequest, targets: list[int]) -> Prompts:
+        """A checked request's strings; `x or default` as encode_prompt has it, so a lone "" takes the default."""
+        prompt, batch = list(request.prompt), len(request.prompt)
+        prompt_2 = _one_or_list(request.prompt_2) or prompt
+        negative = _one_or_list(request.negative_prompt) or ""
+        negative_2 = _one_or_list(request.negative_prompt_2) or negative
+        return cls(prompt, _per_prompt(prompt_2, batch), _per_prompt(negative, batch), _per_prompt(negative_2, batch),
+                   request.num_images_per_prompt or 1, request.guided, request.guided and not request.negative_prompt,
+                   tuple(targets))
+
+    @property
+    def key(self) -> tuple:
+        """Calls of one key share one encode_prompt call per target."""
+        return self.targets, self.guided, self.zeros
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -36,14 +81,24 @@ class Encoders:
     device: torch.device
     dtype: torch.dtype
 
-    def encode(self, request: text_encoder_pb2.EncodePromptRequest) -> PromptEmbeddings:
-        """encode_prompt with the request's prompts, as the in-process pipelines call it."""
-        return encode_prompt(
-            self.text_encoders, self.tokenizers, list(request.prompt), _one_or_list(request.prompt_2),
-            _one_or_list(request.negative_prompt), _one_or_list(request.negative_prompt_2),
-            request.num_images_per_prompt or 1, request.guided, self.force_zeros_for_empty_prompt,
-            device=self.device, dtype=self.dtype,
-        )
+    def encode(self, calls: list[Prompts]) -> list[PromptEmbeddings]:
+        """encode_prompt once over the prompts of `calls` (of one key), as the in-process pipelines call it for
+        each alone, split back per call and each prompt's rows repeated num_images_per_prompt times."""
+        lead = calls[0]
+        prompt, prompt_2, negative, negative_2 = (
+            [text for call in calls for text in getattr(call, name)]
+            for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"))
+        zeros = lead.zeros and self.force_zeros_for_empty_prompt
+        joined = encode_prompt(
+            self.text_encoders, self.tokenizers, prompt, prompt_2, None if zeros else negative, negative_2, 1,
+            lead.guided, self.force_zeros_for_empty_prompt, device=self.device, dtype=self.dtype)
+        parts = [None if t is None else t.split([call.rows for call in calls]) for t in vars(joined).values()]
+        return [PromptEmbeddings(*(None if p is None else p[i].repeat_interleave(call.num_images_per_prompt, dim=0)
+                                   for p in parts)) for i, call in enumerate(calls)]
+
+
+def _per_prompt(value: str | list[str], batch: int) -> list[str]:
+    return [value] * batch if isinstance(value, str) else list(value)
 
 
 def _one_or_list(values) -> str | list[str] | None:
@@ -93,11 +148,44 @@ def check_request(request: text_encoder_pb2.EncodePromptRequest, available: dict
     return targets
 
 
-class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
-    """EncodePrompt over the loaded encoders of each target."""
+class TextEncoderEngine(Engine):
+    """Each iteration, one encode_prompt per target over the lead call and the calls of its key that fit in
+    `max_rows` prompts."""
 
-    def __init__(self, encoders: dict[int, Encoders]):
+    def __init__(self, encoders: dict[int, Encoders], policy: str = "batch", max_rows: int | None = None):
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {max_rows}")
+        self.encoders, self.max_rows = encoders, max_rows or MAX_ROWS
+        super().__init__("text_encoder", policy)
+
+    @torch.no_grad()
+    def iterate(self, jobs: list[Job]) -> None:
+        lead = jobs[0].work
+        batch, rows = [], 0
+        for job in jobs:
+            if job.work.key == lead.key and (not batch or rows + job.work.rows <= self.max_rows):
+                batch.append(job)
+                rows += job.work.rows
+        now = time.monotonic()
+        for job in batch:
+            job.served, job.started = self.iteration, now
+            metrics.observe_queue_wait(self.stage, now - job.submitted)
+        tensors = [{} for _ in batch]
+        for target in lead.targets:
+            for out, embeddings in zip(tensors, self.encoders[target].encode([job.work for job in batch])):
+                out.update({f"{TARGET_NAMES[target]}/{name}": t for name, t in vars(embeddings).items()
+                            if t is not None})
+        metrics.observe_forward(self.stage, rows)
+        for job, out in zip(batch, tensors):
+            job.finish(out)
+
+
+class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
+    """EncodePrompt over the loaded encoders of each target, which the engine's worker alone runs."""
+
+    def __init__(self, encoders: dict[int, Encoders], policy: str = "batch", max_batch_rows: int | None = None):
         self.encoders = encoders
+        self.engine = TextEncoderEngine(encoders, policy, max_batch_rows)
 
     def describe(self) -> stage_pb2.StageDescription:
         base = self.encoders[text_encoder_pb2.TARGET_BASE]
@@ -106,23 +194,34 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
             targets=[TARGET_NAMES[t] for t in self.encoders], limits=stage_pb2.StageLimits(max_images=MAX_BATCH))
 
     def EncodePrompt(self, request, context) -> Iterator[text_encoder_pb2.EncodePromptResponse]:
-        tensors = {}
-        for target in check_request(request, self.encoders):
-            embeddings = self.encoders[target].encode(request)
-            tensors.update({f"{TARGET_NAMES[target]}/{name}": tensor for name, tensor in vars(embeddings).items()
-                            if tensor is not None})
-        metrics.observe_batch("text_encoder", "EncodePrompt", embeddings.prompt_embeds.shape[0])
-        for chunks in packed_chunks(tensors):
-            yield text_encoder_pb2.EncodePromptResponse(chunks=chunks)
+        """Checked here; encoded on the engine's worker with the calls it holds; the tensors relayed from here."""
+        prompts = Prompts.of(request, check_request(request, self.encoders))
+        metrics.observe_batch("text_encoder", "EncodePrompt", prompts.rows * prompts.num_images_per_prompt)
+        job = self.engine.submit(Job(prompts, priority(request.priority), calls.deadline(context),
+                                     calls.watch(context)))
+        for _, tensors in self.engine.events(job):  # no progress: the one event is the result
+            for chunks in packed_chunks(tensors):
+                yield text_encoder_pb2.EncodePromptResponse(chunks=chunks)
+
+    def close(self) -> None:
+        self.engine.stop()
 
 
 def load_servicer(model: str | Path, refiner_model: str | Path | None = None, device: str = "cpu",
-                  dtype: str = "float32") -> TextEncoderServicer:
-    """The base's (and the refiner's) text encoders."""
+                  dtype: str = "float32", **engine) -> TextEncoderServicer:
+    """The base's (and the refiner's) text encoders; `engine`: policy and max_batch_rows."""
     encoders = {text_encoder_pb2.TARGET_BASE: load_encoders(model, device, dtype)}
     if refiner_model is not None:
         encoders[text_encoder_pb2.TARGET_REFINER] = load_encoders(refiner_model, device, dtype)
-    return TextEncoderServicer(encoders)
+    return TextEncoderServicer(encoders, **engine)
+
+
+def make_server(servicer: TextEncoderServicer, address: str = "[::]:0", options: ServerOptions = OPTIONS) -> Server:
+    """A started, SERVING TextEncoder server over a servicer whose encoders are loaded."""
+    server = Server("text_encoder", [(add_servicer, servicer)], [SERVICE], address, options, on_stop=servicer.close)
+    server.start()
+    server.set_serving(servicer.describe())
+    return server
 
 
 def build(
@@ -131,11 +230,8 @@ def build(
     device: str = "cpu",
     dtype: str = "float32",
     address: str = "[::]:0",
-    options: ServerOptions = ServerOptions(),
+    options: ServerOptions = OPTIONS,
+    **engine,
 ) -> Server:
     """Load the base's (and the refiner's) text encoders and return a started, SERVING server."""
-    servicer = load_servicer(model, refiner_model, device, dtype)
-    server = Server("text_encoder", [(add_servicer, servicer)], [SERVICE], address, options)
-    server.start()
-    server.set_serving(servicer.describe())
-    return server
+    return make_server(load_servicer(model, refiner_model, device, dtype, **engine), address, options)

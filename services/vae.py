@@ -1,23 +1,34 @@
 """The VAE stage: Decode (latents -> watermarked images) and Encode (images -> latents for img2img / inpaint),
 over sdxl_core.stages' decode_stage, encode_image_stage and encode_inpaint_stage.
+
+An engine (services/engine.py) owns the VAE. Each iteration its worker either decodes the lead Decode call
+together with the others of its latent size, as many images as a measured per-image cost justifies
+(services/denoise_engine.py's RowBudget), or runs one Encode call: that one draws from its own seeded generator.
+The worker hands back decoded pixels; the call's own thread watermarks them and makes the PNGs, as decode_stage
+would after its VAE decode, so the model never waits on CPU work.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from sdxl.v1 import stage_pb2, vae_pb2, vae_pb2_grpc
-from sdxl_core.latents import VAE_SCALE_FACTOR, preprocess_image
+from sdxl_core.decoding import Decoding
+from sdxl_core.latents import VAE_SCALE_FACTOR, postprocess, preprocess_image
 from sdxl_core.loading import load_vae
 from sdxl_core.masks import check_mask_matches, preprocess_mask
-from sdxl_core.stages import EncodedImage, decode_stage, encode_image_stage, encode_inpaint_stage
-from sdxl_core.watermark import watermark_available
+from sdxl_core.stages import EncodedImage, encode_image_stage, encode_inpaint_stage
+from sdxl_core.vae import latents_to_images
+from sdxl_core.watermark import apply_watermark, watermark_available
 from sdxl_wire.images import ImageAssembler, open_image, to_png
 from sdxl_wire.images import chunk as image_chunks
 from sdxl_wire.tensors import (
@@ -32,13 +43,20 @@ from sdxl_wire.tensors import (
     wire_float_dtype,
 )
 
-from . import metrics
+from . import calls, metrics
+from .denoise_engine import RowBudget, calibrate
+from .engine import Engine, Job, priority
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
 
 SERVICE = "sdxl.v1.Vae"
 add_servicer = vae_pb2_grpc.add_VaeServicer_to_server
+# The engine holds this many calls at once; a waiting call holds only its latents or encoded images.
+OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
 MAX_IMAGES = 64  # images (or masks) per call
+# Decodes up to this size run whole, and share a decode with others of their size; larger ones run a piece
+# (a decoder layer, or a tile) at a time, so that small decodes take turns between their pieces.
+WHOLE_DECODE_PIXELS = 512 * 512
 MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding: refuses decompression bombs
 MAX_ENCODED_BYTES = 64 * 2**20  # per encoded image
 
@@ -107,11 +125,131 @@ def check_encode_header(header: vae_pb2.EncodeHeader, with_mask: bool) -> None:
         raise ValueError("`masked_image_latents` and `skip_image_latents` need a mask")
 
 
-class VaeServicer(vae_pb2_grpc.VaeServicer):
-    """Decode and Encode over one VAE; no per-request state."""
+@dataclass
+class DecodeWork:
+    """A Decode call's latents (B, 4, h, w), on the VAE's device as sent. A large one (or one over the tile size)
+    is decoded a piece at a time (sdxl_core.decoding), so that other calls take turns between its pieces."""
 
-    def __init__(self, vae: torch.nn.Module):
-        self.vae = vae
+    latents: torch.Tensor
+    tile: int | None = None  # --vae-tile
+    whole_pixels: int = WHOLE_DECODE_PIXELS  # --vae-whole-pixels
+    decoding: Decoding | None = None  # once its first piece ran
+
+    @property
+    def piecewise(self) -> bool:
+        h, w = self.latents.shape[-2:]
+        pixels = h * w * VAE_SCALE_FACTOR**2
+        return pixels > self.whole_pixels or (self.tile is not None and max(h, w) * VAE_SCALE_FACTOR > self.tile)
+
+    @property
+    def key(self) -> tuple:
+        """Calls of one key may share a decode: (h, w, dtype)."""
+        return (*self.latents.shape[-2:], self.latents.dtype)
+
+    @property
+    def rows(self) -> int:
+        return self.latents.shape[0]
+
+
+@dataclass(frozen=True)
+class EncodeWork:
+    """An Encode call, checked: `run` encodes on its own seeded generator."""
+
+    run: Callable[[], EncodedImage]
+
+
+class VaeEngine(Engine):
+    """Each iteration: the lead Decode call with the others of its key that fit the row budget in one decode
+    (pixels (B, 3, 8h, 8w) in [-1, 1] back to each), or the lead Encode call alone."""
+
+    def __init__(self, vae: torch.nn.Module, policy: str = "batch", budget: RowBudget | None = None):
+        self.vae, self.budget = vae, budget or RowBudget(limit=MAX_IMAGES)
+        super().__init__("vae", policy)
+
+    @torch.no_grad()
+    def iterate(self, jobs: list[Job]) -> None:
+        lead = jobs[0]
+        if isinstance(lead.work, EncodeWork):
+            self._serve([lead])
+            lead.finish(lead.work.run())
+            return
+        if lead.work.piecewise:
+            self._serve([lead])
+            work = lead.work
+            if work.decoding is None:
+                work.decoding = Decoding(self.vae, work.latents, work.tile)
+            work.decoding.advance()
+            if work.decoding.done:
+                lead.finish(work.decoding.images())
+            return
+        key = lead.work.key
+        peers = [job for job in jobs if isinstance(job.work, DecodeWork) and not job.work.piecewise
+                 and job.work.key == key]
+        budget = lead.work.rows
+        if len(peers) > 1:
+            budget = max(budget, self.budget.rows(key, lambda: self._calibrate(lead.work.latents)))
+        batch, rows = [], 0
+        for job in peers:
+            if not batch or rows + job.work.rows <= budget:
+                batch.append(job)
+                rows += job.work.rows
+        self._serve(batch)
+        images = latents_to_images(self.vae, torch.cat([job.work.latents for job in batch]))
+        metrics.observe_forward(self.stage, rows)
+        for job, pixels in zip(batch, images.split([job.work.rows for job in batch])):
+            job.finish(pixels)
+
+    def _serve(self, batch: list[Job]) -> None:
+        now = time.monotonic()
+        for job in batch:
+            job.served = self.iteration
+            if job.started is None:
+                job.started = now
+                metrics.observe_queue_wait(self.stage, now - job.submitted)
+
+    def _calibrate(self, latents: torch.Tensor) -> tuple[int, dict[int, float]]:
+        """The per-image cost curve of this VAE's decode at the size of `latents`."""
+        cuda = latents.device.type == "cuda"
+
+        def decode(rows: int) -> float:
+            batch = latents.repeat(-(-rows // len(latents)), 1, 1, 1)[:rows]
+            began = time.perf_counter()
+            try:
+                latents_to_images(self.vae, batch)
+                if cuda:
+                    torch.cuda.synchronize(latents.device)
+            except torch.cuda.OutOfMemoryError:  # a full-size decode holds GiBs per image: the curve ends here
+                return math.inf
+            return time.perf_counter() - began
+
+        rows, curve = calibrate(decode, len(latents), self.budget.limit)
+        self.log.info("row budget of the vae at latents %sx%s %s: %d images; seconds per image %s",
+                      *latents.shape[-2:], latents.dtype, rows, {r: round(c, 5) for r, c in curve.items()})
+        return rows, curve
+
+
+def result(engine: Engine, job: Job):
+    """The job's result: Decode and Encode report no progress, so it is the one event."""
+    return next(engine.events(job))[1]
+
+
+def finish_images(images: torch.Tensor, watermark: bool) -> list:
+    """decode_stage after its VAE decode: images (B, 3, H, W) in [-1, 1] -> PIL images, watermarked if asked."""
+    if watermark:
+        images = apply_watermark(images)
+    return postprocess(images, "pil")
+
+
+class VaeServicer(vae_pb2_grpc.VaeServicer):
+    """Decode and Encode over one VAE, which the engine's worker alone runs; no per-request state."""
+
+    def __init__(self, vae: torch.nn.Module, policy: str = "batch", max_batch_rows: int | None = None,
+                 tile: int | None = None, whole_pixels: int | None = None):
+        if tile is not None and (tile < 64 or tile % (4 * VAE_SCALE_FACTOR)):
+            raise ValueError(f"the VAE tile must be a multiple of {4 * VAE_SCALE_FACTOR} pixels, at least 64; got {tile}")
+        self.vae, self.tile = vae, tile
+        self.whole_pixels = WHOLE_DECODE_PIXELS if whole_pixels is None else whole_pixels
+        self.engine = VaeEngine(vae, policy, RowBudget(max_batch_rows, limit=MAX_IMAGES))
 
     def describe(self) -> stage_pb2.StageDescription:
         return stage_pb2.StageDescription(
@@ -119,7 +257,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             limits=stage_pb2.StageLimits(max_images=MAX_IMAGES))
 
     def Decode(self, request_iterator, context):
-        """Latents in; PNG images or the uint8 tensor "images" out, watermarked unless turned off."""
+        """Latents in; PNG images or the uint8 tensor "images" out, watermarked unless turned off. The engine's
+        worker decodes; this thread watermarks and encodes the images."""
         header, tensors = read_header_stream(request_iterator, "DecodeRequest", names={"latents"})
         latents = expect(tensors, "latents", ("B", 4, None, None), FLOATS)
         metrics.observe_batch("vae", "Decode", latents.shape[0])
@@ -131,7 +270,9 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         if watermark and not watermark_available():
             raise FailedPrecondition("this VAE stage cannot watermark (invisible-watermark is not installed); "
                                      "send watermark=false")
-        images = decode_stage(self.vae, latents.to(self.device), watermark, "pil")
+        job = self.engine.submit(Job(DecodeWork(latents.to(self.device), self.tile, self.whole_pixels), priority(header.priority),
+                                     calls.deadline(context), calls.watch(context)))
+        images = finish_images(result(self.engine, job), watermark)
         if header.output_format == vae_pb2.OUTPUT_FORMAT_RAW:
             pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images]))  # (B, H, W, 3) uint8
             for chunk in to_proto_chunks("images", pixels):
@@ -148,7 +289,9 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
     def Encode(self, request_iterator, context):
         """Images (and masks) in; image_latents (mask, masked_image_latents) out, the draws on the first message."""
         inputs = read_encode(request_iterator)
-        encoded = self.encode(inputs)
+        job = self.engine.submit(Job(EncodeWork(self.prepare_encode(inputs)), priority(inputs.header.priority),
+                                     calls.deadline(context), calls.watch(context)))
+        encoded = result(self.engine, job)
         draws = vae_pb2.EncodeDraws(image_samples=encoded.draws.image_samples,
                                     masked_image_samples=encoded.draws.masked_image_samples,
                                     dtype=wire_dtype(encoded.draws.dtype))
@@ -157,8 +300,8 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             yield vae_pb2.EncodeResponse(chunks=chunks, draws=draws)
             draws = None  # on the first message only
 
-    def encode(self, inputs: EncodeInputs) -> EncodedImage:
-        """Check the inputs, then encode_image_stage (no mask) or encode_inpaint_stage on a generator seeded S."""
+    def prepare_encode(self, inputs: EncodeInputs) -> Callable[[], EncodedImage]:
+        """Check the inputs; encode_image_stage (no mask) or encode_inpaint_stage on a generator seeded S, to run."""
         header = inputs.header
         image = image_inputs(inputs, "image", "RGB")
         mask = image_inputs(inputs, "mask_image", "L")
@@ -171,7 +314,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         height, width = header.height or None, header.width or None
         pixels = preprocess_image(image, height, width).float()  # (N, 3, H, W) in [-1, 1]
         if mask is None:
-            return encode_image_stage(self.vae, pixels, len(pixels), generator, self.device, dtype)
+            return partial(encode_image_stage, self.vae, pixels, len(pixels), generator, self.device, dtype)
         check_mask_matches(image, mask)
         masks = preprocess_mask(mask, *pixels.shape[-2:])  # (M, 1, H, W)
         n, m, batch = pixels.shape[0], masks.shape[0], header.batch_size
@@ -179,10 +322,13 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             raise ValueError(f"got {n} images and {m} masks; send as many masks as images, or one of either")
         if batch % max(n, m):
             raise ValueError(f"`batch_size` {batch} must be a multiple of the {max(n, m)} images / masks")
-        return encode_inpaint_stage(
-            self.vae, pixels, masks, batch, generator, self.device, dtype,
+        return partial(
+            encode_inpaint_stage, self.vae, pixels, masks, batch, generator, self.device, dtype,
             encode_image=not header.skip_image_latents, masked_image_latents=header.masked_image_latents,
             noise_dtype=dtype)
+
+    def close(self) -> None:
+        self.engine.stop()
 
 
 def load_vae_model(model: str | Path, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
@@ -193,19 +339,20 @@ def load_vae_model(model: str | Path, device: str = "cpu", dtype: str = "float32
     return load_vae(model, DTYPES[dtype], device=device)
 
 
-def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32") -> VaeServicer:
-    return VaeServicer(load_vae_model(model, device, dtype))
+def load_servicer(model: str | Path, device: str = "cpu", dtype: str = "float32", **engine) -> VaeServicer:
+    """`engine`: policy, max_batch_rows, tile and whole_pixels, as VaeServicer takes them."""
+    return VaeServicer(load_vae_model(model, device, dtype), **engine)
 
 
-def make_server(servicer: VaeServicer, address: str = "[::]:0", options: ServerOptions = ServerOptions()) -> Server:
+def make_server(servicer: VaeServicer, address: str = "[::]:0", options: ServerOptions = OPTIONS) -> Server:
     """A started, SERVING Vae server over a servicer whose model is loaded."""
-    server = Server("vae", [(add_servicer, servicer)], [SERVICE], address, options)
+    server = Server("vae", [(add_servicer, servicer)], [SERVICE], address, options, on_stop=servicer.close)
     server.start()
     server.set_serving(servicer.describe())
     return server
 
 
 def build(model: str | Path, device: str = "cpu", dtype: str = "float32", address: str = "[::]:0",
-          options: ServerOptions = ServerOptions()) -> Server:
-    """Load the VAE, then a started, SERVING Vae server."""
-    return make_server(load_servicer(model, device, dtype), address, options)
+          options: ServerOptions = OPTIONS, **engine) -> Server:
+    """Load the VAE, then a started, SERVING Vae server; `engine`: policy and max_batch_rows."""
+    return make_server(load_servicer(model, device, dtype, **engine), address, options)

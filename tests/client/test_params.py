@@ -101,3 +101,12 @@ def test_request_stream_is_params_then_images_then_masks():
     assert kinds[0] == "params" and kinds.count("params") == 1
     assert kinds.index("mask_image") > max(i for i, k in enumerate(kinds) if k == "image")
     assert {r.image.index for r in stream if r.WhichOneof("payload") == "image"} == {0, 1}
+
+
+def test_priority_is_sent_by_name():
+    from sdxl.v1 import stage_pb2
+
+    assert generate_params("p", priority="interactive").priority == stage_pb2.PRIORITY_INTERACTIVE
+    assert generate_params("p").priority == stage_pb2.PRIORITY_UNSPECIFIED
+    with pytest.raises(ValueError, match="priority"):
+        generate_params("p", priority="urgent")

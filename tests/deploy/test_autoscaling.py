@@ -64,7 +64,7 @@ def test_base_scales_within_four_times_the_refiners_bounds(renders, target):
 
 
 @pytest.mark.parametrize("target", CLUSTER)
-def test_stages_scale_on_their_queue_and_the_orchestrator_on_cpu(renders, target):
+def test_stages_scale_on_the_requests_they_hold_and_the_orchestrator_on_cpu(renders, target):
     docs = renders[target]
     hpas = hpas_by_target(docs)
     for dep, _, c, args in containers(docs):
@@ -74,9 +74,9 @@ def test_stages_scale_on_their_queue_and_the_orchestrator_on_cpu(renders, target
             assert kinds == {"Resource"} and metrics[0]["resource"]["name"] == "cpu"
             assert c["resources"]["requests"].get("cpu"), "CPU utilization is relative to the CPU request"
         else:
-            assert kinds == {"Pods"}, f"{args.stage}: scale on the per-pod queue, got {kinds}"
+            assert kinds == {"Pods"}, f"{args.stage}: scale on the requests each pod's engine holds, got {kinds}"
             names = {m["pods"]["metric"]["name"] for m in metrics}
-            assert "sdxl_queue_depth" in names, f"{args.stage}: {names}"
+            assert "sdxl_inflight_requests" in names, f"{args.stage}: {names}"
             assert all(m["pods"]["target"]["type"] == "AverageValue" for m in metrics)
 
 

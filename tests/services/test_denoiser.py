@@ -78,7 +78,7 @@ def denoise(server, header: denoiser_pb2.DenoiseHeader, tensors: dict, timeout=1
     for response in stub.Denoise(iter(messages), timeout=timeout):
         if response.HasField("progress"):
             progress.append(response.progress)
-        else:
+        elif response.HasField("chunk"):
             assembler.add(response.chunk)
     return assembler.finish()["latents"], progress
 
@@ -260,6 +260,7 @@ def test_a_cancelled_call_stops_at_its_next_step_and_frees_the_slot(servers, pip
     messages += [denoiser_pb2.DenoiseRequest(chunks=[c]) for name, t in embeddings(pipes["base"]).items()
                  for c in to_proto_chunks(name, t)]
     call = denoiser_pb2_grpc.DenoiserStub(_channel(servers["base"])).Denoise(iter(messages), timeout=120)
+    assert next(call).HasField("admitted")
     first = next(call)
     assert (first.progress.step, first.progress.total) == (1, 1000)
     call.cancel()

@@ -5,16 +5,18 @@ import time
 import pytest
 
 from sdxl_services import launch
+from sdxl_services.stage import parse_args
 
 
 def test_stage_args_route_models_and_devices():
     options = launch.ServeOptions(base_model="/m/base", refiner_model="/m/refiner", device="cuda:0",
                                   refiner_device="cuda:1", dtype="float16")
     processes = {p.name: p for p in options.processes(gpus=2)}
-    assert launch.ServeOptions().stage_args(launch.ServeOptions().processes(gpus=0)[1]) == \
+    assert launch.ServeOptions().stage_args(launch.ServeOptions().processes(gpus=0)[1])[:4] == \
         ["--device", "cpu", "--dtype", "float32"]
-    assert options.stage_args(processes["base"]) == ["--model", "/m/base", "--device", "cuda:0", "--dtype", "float16"]
-    assert options.stage_args(processes["refiner"]) == \
+    assert options.stage_args(processes["base"])[:6] == \
+        ["--model", "/m/base", "--device", "cuda:0", "--dtype", "float16"]
+    assert options.stage_args(processes["refiner"])[:6] == \
         ["--model", "/m/refiner", "--device", "cuda:1", "--dtype", "float16"]
     assert options.stage_args(processes["text_encoder"])[:4] == ["--model", "/m/base", "--refiner-model", "/m/refiner"]
 
@@ -51,7 +53,54 @@ def test_orchestrator_gets_every_stage_address_and_nothing_it_can_ask_the_stages
     addresses = {"text_encoder": "127.0.0.1:1", "base": "127.0.0.1:2", "vae": "127.0.0.1:3"}
     args = options.orchestrator_args(processes, addresses)
     assert args == ["--text-encoder", "127.0.0.1:1", "--base", "127.0.0.1:2", "--vae", "127.0.0.1:3"]
-    from sdxl_services.stage import parse_args
-
     parsed = parse_args(["orchestrator", *args])
     assert (parsed.text_encoder, parsed.base, parsed.vae) == tuple(addresses.values())
+
+
+def test_serve_all_flags_reach_the_stage_processes_as_they_parse_them(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = launch.parser().parse_args(["--all", "--threads", "vae=2", "--policy", "fifo", "--max-batch-rows", "8"])
+    options = launch.serve_options(args)
+    parsed = {p.name: parse_args([p.stage, *options.stage_args(p), "--address", "127.0.0.1:0"])
+              for p in options.processes(gpus=0, cores=16)}
+    assert {name: a.threads for name, a in parsed.items()} == {"text_encoder": 1, "base": 10, "refiner": 3, "vae": 2}
+    assert {name: (a.policy, a.max_batch_rows) for name, a in parsed.items()} == \
+        {"text_encoder": ("fifo", None), "base": ("fifo", 8), "refiner": ("fifo", 8), "vae": ("fifo", None)}
+
+
+def test_every_stage_gets_the_policy_the_denoisers_the_row_budget_and_only_when_given(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    options = launch.ServeOptions(policy="batch", max_batch_rows=4)
+    args = {p.name: options.stage_args(p) for p in options.processes(gpus=0, cores=2)}
+    assert args["base"][-4:] == ["--policy", "batch", "--max-batch-rows", "4"]
+    assert args["refiner"][-4:] == ["--policy", "batch", "--max-batch-rows", "4"]
+    assert args["text_encoder"] == args["vae"] == ["--device", "cpu", "--dtype", "float32", "--threads", "1",
+                                                   "--policy", "batch"]
+    defaults = launch.ServeOptions()
+    assert all("--policy" not in defaults.stage_args(p) and "--max-batch-rows" not in defaults.stage_args(p)
+               for p in defaults.processes(gpus=0, cores=2))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"policy": "lifo"}, "--policy must be one of batch, fifo"),
+    ({"max_batch_rows": 0}, "--max-batch-rows must be >= 1"),
+    ({"threads": "base=0"}, "is not STAGE=N"),
+])
+def test_bad_engine_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        launch.ServeOptions(**options)
+
+
+def test_the_vae_flags_reach_the_vae_process_alone_and_only_when_given(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    args = launch.parser().parse_args(["--all", "--vae-tile", "512", "--vae-whole-pixels", str(1024 * 1024)])
+    options = launch.serve_options(args)
+    parsed = {p.name: parse_args([p.stage, *options.stage_args(p), "--address", "127.0.0.1:0"])
+              for p in options.processes(gpus=0, cores=4)}
+    assert {name: (a.vae_tile, a.vae_whole_pixels) for name, a in parsed.items()} == {
+        "text_encoder": (None, None), "base": (None, None), "refiner": (None, None), "vae": (512, 1024 * 1024)}
+    defaults = launch.serve_options(launch.parser().parse_args(["--all"]))
+    assert all(not {"--vae-tile", "--vae-whole-pixels"} & set(defaults.stage_args(p))
+               for p in defaults.processes(gpus=0, cores=4))
+    with pytest.raises(ValueError, match="--vae-tile must be >= 1"):
+        launch.ServeOptions(vae_tile=0)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc, tensor_pb2
+from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc, stage_pb2, tensor_pb2
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLInpaintPipeline, SDXLPipeline
 from sdxl_services import channels, denoiser, orchestrator, text_encoder
 from sdxl_services.generate_params import ENSEMBLE, REFINE
@@ -239,8 +239,8 @@ def stage_logs():
 
 
 def test_client_deadline_is_forwarded_and_stops_the_denoiser(stub, stage_logs):
-    responses = stub.Generate(iter([orchestrator_pb2.GenerateRequest(params=_params(num_inference_steps=200))]),
-                              timeout=2.0)
+    long = _params(num_inference_steps=200, height=512, width=512)  # far over 2 s, however fast the machine
+    responses = stub.Generate(iter([orchestrator_pb2.GenerateRequest(params=long)]), timeout=2.0)
     with pytest.raises(grpc.RpcError) as error:
         for _ in responses:
             pass
@@ -323,3 +323,11 @@ def test_the_orchestrator_learns_an_inpainting_base_from_describe(stages, tiny_m
     finally:
         server.stop(0)
         base.stop(0)
+
+
+def test_a_priority_outside_the_enum_is_invalid_argument_and_a_valid_one_serves(stub):
+    with pytest.raises(grpc.RpcError) as error:
+        _generate(stub, _params(priority=99))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in error.value.details()
+    _, images, _ = _generate(stub, _params(priority=stage_pb2.PRIORITY_INTERACTIVE))
+    assert images

@@ -164,3 +164,76 @@ def test_cli_flags_reach_the_options(monkeypatch):
     assert placed(processes) == {
         "text_encoder": ("cuda:2", "bfloat16"), "base-0": ("cuda:0", "float16"), "base-1": ("cuda:1", "float16"),
         "refiner": ("cuda:2", "float16"), "vae": ("cuda:2", "float32")}
+
+
+# --- torch threads: the host's cores split between the processes
+
+
+@pytest.fixture
+def no_omp(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
+def threads(cores: int, gpus: int = 0, **options) -> dict[str, int | None]:
+    return {p.name: p.threads for p in launch.ServeOptions(**options).processes(gpus, cores)}
+
+
+@pytest.mark.usefixtures("no_omp")
+@pytest.mark.parametrize("cores, no_refiner, expected", [
+    (2, False, {"text_encoder": 1, "base": 1, "refiner": 1, "vae": 1}),  # never fewer than 1
+    (2, True, {"text_encoder": 1, "base": 1, "vae": 1}),
+    (4, False, {"text_encoder": 1, "base": 1, "refiner": 1, "vae": 1}),
+    (4, True, {"text_encoder": 1, "base": 2, "vae": 1}),
+    (16, False, {"text_encoder": 1, "base": 11, "refiner": 3, "vae": 1}),
+    (16, True, {"text_encoder": 1, "base": 14, "vae": 1}),
+])
+def test_cpu_stages_split_the_cores_by_their_compute_per_image(cores, no_refiner, expected):
+    assert threads(cores, no_refiner=no_refiner) == expected
+
+
+@pytest.mark.usefixtures("no_omp")
+@pytest.mark.parametrize("cores", [1, 2, 3, 5, 8, 16, 64])
+def test_the_split_uses_every_core_once_there_is_one_per_process(cores):
+    split = threads(cores)
+    assert sum(split.values()) == max(cores, 4)
+    assert split["base"] >= split["refiner"] >= split["vae"] >= split["text_encoder"] == 1
+
+
+@pytest.mark.usefixtures("no_omp")
+def test_gpu_placed_processes_get_one_thread_and_the_cpu_ones_share_the_rest():
+    assert threads(16, gpus=1) == {"text_encoder": 1, "base": 1, "refiner": 1, "vae": 1}
+    assert threads(16, gpus=1, vae_device="cpu") == {"text_encoder": 1, "base": 1, "refiner": 1, "vae": 13}
+
+
+@pytest.mark.usefixtures("no_omp")
+def test_replicas_share_their_stages_part():
+    split = threads(16, base_device="cpu+cpu")
+    assert split["text_encoder"] == split["vae"] == 1 and split["refiner"] == 3
+    assert abs(split["base-0"] - split["base-1"]) <= 1 and split["base-0"] + split["base-1"] == 11
+
+
+@pytest.mark.usefixtures("no_omp")
+def test_threads_option_fixes_its_stages_and_the_others_split_what_is_left():
+    assert threads(16, threads="vae=4") == {"text_encoder": 1, "base": 8, "refiner": 3, "vae": 4}
+    assert threads(16, threads="base=2,text-encoder=2", gpus=1) == {
+        "text_encoder": 2, "base": 2, "refiner": 1, "vae": 1}
+
+
+def test_omp_num_threads_is_left_to_the_processes_not_named(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads(16, threads="base=6") == {"text_encoder": None, "base": 6, "refiner": None, "vae": None}
+    options = launch.ServeOptions()
+    assert all("--threads" not in options.stage_args(p) for p in options.processes(0, 16))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("base", "not STAGE=N"),
+    ("base=0", "not STAGE=N"),
+    ("base=two", "not STAGE=N"),
+    ("unet=2", "STAGE one of"),
+    ("base=2,base=3", "names base twice"),
+])
+def test_a_bad_threads_option_is_refused_naming_the_entry(text, message):
+    with pytest.raises(ValueError, match=message):
+        launch.ServeOptions(threads=text)
+    assert main(["serve", "--all", "--threads", text]) == 2

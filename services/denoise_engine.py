@@ -1,0 +1,141 @@
+"""The denoiser's engine: each iteration packs the rows of jobs at any step into one UNet forward.
+
+A job's rows (two per image with guidance) carry their own timestep, context, pooled embedding, time ids and,
+for an inpainting UNet, mask and masked image; each job's sampler then steps its own rows with its own state
+(sdxl_core.denoise.Denoising). Jobs of different latent sizes or context lengths run in separate forwards.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from sdxl_core.denoise import Denoising, OnStep, UNetInputs
+
+from . import metrics
+from .engine import Engine, Job
+
+MIN_ROWS = 2  # one image with guidance: never split
+MAX_ROWS = 64
+
+
+@dataclass
+class DenoiseWork:
+    """A Denoise call inside the engine. `start` builds its run on the worker (noise drawn, tensors on the device)."""
+
+    start: Callable[[OnStep], Denoising]
+    key: tuple[int, ...]  # (h, w, context length): only jobs of one key share a forward
+    rows: int
+    run: Denoising | None = None
+
+
+def calibrate(forward: Callable[[int], float], first: int, limit: int = MAX_ROWS, margin: float = 0.95,
+              repeats: int = 2) -> tuple[int, dict[int, float]]:
+    """The rows per forward with the least time per row, and the curve measured: `forward(rows)` returns seconds
+    (infinity where the rows do not fit in memory). Doubles from `first` while twice the rows cost under `margin`
+    of the time per row; never past `limit`."""
+    forward(first)  # warm-up: allocator, kernels' first choice
+    costs: dict[int, float] = {}
+    rows = first
+    while rows <= max(limit, first):
+        costs[rows] = min(forward(rows) for _ in range(repeats)) / rows
+        if len(costs) > 1 and not costs[rows] <= costs[rows // 2] * margin:
+            break
+        rows *= 2
+    return min(costs, key=costs.get), costs
+
+
+class RowBudget:
+    """Rows one UNet forward may hold, per key (latent size, context length): `--max-batch-rows`, or measured on
+    this device the first time jobs of a key could share a forward (calibrate), so that the engine never
+    batches where a row costs more than alone."""
+
+    def __init__(self, fixed: int | None = None, limit: int = MAX_ROWS):
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"max_batch_rows must be >= 1, got {fixed}")
+        self.fixed, self.limit = fixed, limit
+        self.curves: dict[tuple, dict[int, float]] = {}
+        self._rows: dict[tuple, int] = {}
+
+    def rows(self, key: tuple, measure: Callable[[], tuple[int, dict[int, float]]]) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        if key not in self._rows:
+            self._rows[key], self.curves[key] = measure()
+        return self._rows[key]
+
+
+class DenoiseEngine(Engine):
+    """Advances jobs one UNet evaluation per iteration, as many per forward as the row budget holds."""
+
+    def __init__(self, unet: torch.nn.Module, stage: str, policy: str = "batch", budget: RowBudget | None = None):
+        self.unet, self.budget = unet, budget or RowBudget()
+        super().__init__(stage, policy)
+
+    @torch.no_grad()
+    def iterate(self, jobs: list[Job]) -> None:
+        lead = jobs[0]
+        peers = [job for job in jobs if job.work.key == lead.work.key]
+        budget = lead.work.rows
+        if len(peers) > 1:
+            budget = max(budget, self.budget.rows(lead.work.key, lambda: self._calibrate(lead)))
+        batch, rows = [], 0
+        for job in peers:
+            if job.done or (batch and rows + job.work.rows > budget):
+                continue
+            if self._begin(job):
+                batch.append(job)
+                rows += job.work.rows
+        if not batch:
+            return
+        began = time.perf_counter()
+        noise_pred = self.unet(*UNetInputs.cat([job.work.run.unet_inputs() for job in batch]))
+        for job, rows_of_job in zip(batch, noise_pred.split([job.work.rows for job in batch])):
+            run = job.work.run
+            run.advance(rows_of_job)
+            if run.done:
+                job.finish(run.latents)
+        metrics.observe_step(self.stage, time.perf_counter() - began)
+        metrics.observe_forward(self.stage, rows)
+
+    def _begin(self, job: Job) -> bool:
+        """Mark the job served this iteration, starting its run first if new; False if it could not start."""
+        job.served = self.iteration
+        if job.work.run is None:
+            job.started = time.monotonic()
+            metrics.observe_queue_wait(self.stage, job.started - job.submitted)
+            try:
+                job.work.run = job.work.start(lambda i, total, latents: job.progress((i + 1, total, latents)))
+            except Exception as exc:  # noqa: BLE001 -- this job's inputs: it fails alone
+                job.fail(exc)
+                return False
+        return True
+
+    def _calibrate(self, lead: Job) -> tuple[int, dict[int, float]]:
+        """The per-row cost curve of this UNet at the lead job's latent size and context length."""
+        if not self._begin(lead):
+            return MIN_ROWS, {}
+        one = lead.work.run.unet_inputs()
+        cuda = one.sample.device.type == "cuda"
+
+        def forward(rows: int) -> float:
+            repeat = -(-rows // one.rows)
+            inputs = UNetInputs(*(t.repeat(repeat, *[1] * (t.ndim - 1))[:rows] for t in one))
+            began = time.perf_counter()
+            try:
+                self.unet(*inputs)
+                if cuda:
+                    torch.cuda.synchronize(one.sample.device)
+            except torch.cuda.OutOfMemoryError:  # more rows than the device holds: past the budget
+                torch.cuda.empty_cache()
+                return math.inf
+            return time.perf_counter() - began
+
+        rows, curve = calibrate(forward, max(MIN_ROWS, one.rows), self.budget.limit)
+        self.log.info("row budget of %s at latents %sx%s, context %s: %d rows; seconds per row %s", self.stage,
+                      *lead.work.key, rows, {r: round(c, 5) for r, c in curve.items()})
+        return rows, curve
