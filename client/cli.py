@@ -34,6 +34,9 @@ def _generate_parser(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("-o", "--output", default="out.png", help="the image file; more images: out-1.png, ...")
     p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--token-file", type=Path, metavar="PATH",
+                   help="send this file's token (whitespace stripped) as 'authorization: Bearer TOKEN', for a "
+                        "server started with --auth-token-file")
     p.add_argument("--prompt-2")
     p.add_argument("--negative", help="the negative prompt")
     p.add_argument("--negative-2", help="the negative prompt for the second text encoder")
@@ -75,11 +78,26 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _token(path: Path | None) -> str | None:
+    """--token-file's token, whitespace stripped."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise ValueError(f"--token-file {path} is empty")
+    return token
+
+
 def generate(args: argparse.Namespace) -> int:
     """`sdxl generate`: one Generate call, a progress bar per stage, the images written to disk."""
     width, height = args.size or (None, None)
+    try:
+        token = _token(args.token_file)
+    except (OSError, ValueError) as e:
+        print(f"sdxl generate: {e}", file=sys.stderr)
+        return 2
     progress = ProgressBar()
-    with SDXLClient(args.address) as client:
+    with SDXLClient(args.address, token=token) as client:
         try:
             result = client.generate(
                 args.prompt, prompt_2=args.prompt_2, negative_prompt=args.negative,

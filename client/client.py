@@ -82,10 +82,12 @@ def _prepare(prompt, image, mask_image, kwargs: dict) -> list[orchestrator_pb2.G
 
 
 class _Base:
-    def __init__(self, address: str, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()):
+    def __init__(self, address: str, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 token: str | None = None):
         self.address = address
         self.timeout = timeout
-        self.metadata = tuple(metadata)
+        # A server started with --auth-token-file wants the token on every call but health.
+        self.metadata = tuple(metadata) + ((("authorization", f"Bearer {token}"),) if token else ())
 
     def _call_options(self, request_id: str | None, timeout: float | None) -> tuple[str, dict]:
         rid = request_id or uuid.uuid4().hex
@@ -97,8 +99,8 @@ class SDXLClient(_Base):
     """A blocking client of the orchestrator. gRPC errors reach the caller as grpc.RpcError (code, details)."""
 
     def __init__(self, address: str, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(address, timeout, metadata)
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        super().__init__(address, timeout, metadata, token)
         if credentials is None:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:
@@ -141,8 +143,8 @@ class AsyncSDXLClient(_Base):
     """The asyncio (grpc.aio) client: the same generate and health, as coroutines."""
 
     def __init__(self, address: str, timeout: float | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 credentials: grpc.ChannelCredentials | None = None):
-        super().__init__(address, timeout, metadata)
+                 credentials: grpc.ChannelCredentials | None = None, token: str | None = None):
+        super().__init__(address, timeout, metadata, token)
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         else:

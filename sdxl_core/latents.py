@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from sdxl_core.noise import GeneratorLike, randn
 from sdxl_core.schedulers.base import Schedule
-from sdxl_core.vae import AutoencoderKL, images_to_latents
+from sdxl_core.vae import AutoencoderKL, Pieces, images_to_latents_pieces
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 VAE_SCALE_FACTOR = 8  # pixels per latent, SDXL's VAE (2 ** (levels - 1))
@@ -53,8 +53,8 @@ def tile(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
 def sample_image_latents(
     vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
     device: torch.device, dtype: torch.dtype,
-) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> VAE latents (N, 4, H/8, W/8) sampled with `generator`.
+) -> Pieces:
+    """Images (N, 3, H, W) in [-1, 1] -> VAE latents (N, 4, H/8, W/8) sampled with `generator`, a piece at a time.
 
     With a list of generators the images are first tiled to the batch, one sample per generator:
     (batch_size, 4, H/8, W/8), as diffusers' img2img prepare_latents.
@@ -64,9 +64,12 @@ def sample_image_latents(
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}; pass one per image")
         image = tile(image, batch_size, "image")
-        latents = torch.cat([images_to_latents(vae, image[i : i + 1], g) for i, g in enumerate(generator)])
+        parts = []
+        for i, g in enumerate(generator):
+            parts.append((yield from images_to_latents_pieces(vae, image[i : i + 1], g)))
+        latents = torch.cat(parts)
     else:
-        latents = images_to_latents(vae, image, generator)
+        latents = yield from images_to_latents_pieces(vae, image, generator)
     return latents.to(dtype)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from sdxl_core.latents import VAE_SCALE_FACTOR, to_tensor
 from sdxl_core.noise import GeneratorLike
-from sdxl_core.vae import AutoencoderKL, images_to_latents
+from sdxl_core.vae import AutoencoderKL, Pieces, images_to_latents_pieces
 
 # --- masks in: mask_processor.preprocess
 
@@ -110,11 +110,15 @@ def repeat_to_batch(x: torch.Tensor, batch_size: int, name: str) -> torch.Tensor
     return x.repeat(batch_size // x.shape[0], 1, 1, 1)
 
 
-def encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:
-    """Images (N, 3, H, W) in [-1, 1] -> sampled latents (N, 4, H/8, W/8); image i uses generator[i] of a list."""
-    if isinstance(generator, list):
-        return torch.cat([images_to_latents(vae, images[i : i + 1], generator[i]) for i in range(images.shape[0])])
-    return images_to_latents(vae, images, generator)
+def encode(vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike) -> Pieces:
+    """Images (N, 3, H, W) in [-1, 1] -> sampled latents (N, 4, H/8, W/8), a piece at a time; image i uses
+    generator[i] of a list."""
+    if not isinstance(generator, list):
+        return (yield from images_to_latents_pieces(vae, images, generator))
+    parts = []
+    for i in range(images.shape[0]):
+        parts.append((yield from images_to_latents_pieces(vae, images[i : i + 1], generator[i])))
+    return torch.cat(parts)
 
 
 def sample_dtype(vae: AutoencoderKL) -> torch.dtype:

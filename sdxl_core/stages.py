@@ -22,7 +22,7 @@ from sdxl_core.latents import VAE_SCALE_FACTOR, noise_latents, postprocess, samp
 from sdxl_core.masks import InpaintInputs, encode, masked_image, repeat_to_batch, sample_dtype
 from sdxl_core.noise import GeneratorLike, randn
 from sdxl_core.request import LATENT_CHANNELS, DenoisePlan, Mode, is_inpainting_unet
-from sdxl_core.vae import AutoencoderKL, latents_to_images
+from sdxl_core.vae import AutoencoderKL, Pieces, latents_to_images, to_end
 from sdxl_core.watermark import apply_watermark
 
 
@@ -72,25 +72,30 @@ def skip_draws(generator: GeneratorLike, count: int, shape: tuple[int, ...], dty
 # --- the VAE side
 
 
-@torch.no_grad()
-def encode_image_stage(
+def encode_image_pieces(
     vae: AutoencoderKL, image: torch.Tensor, batch_size: int, generator: GeneratorLike,
     device: torch.device, dtype: torch.dtype,
-) -> EncodedImage:
-    """img2img's VAE side: images (N, 3, H, W) in [-1, 1] -> posterior samples (N, 4, h, w); latents pass as is."""
+) -> Pieces:
+    """img2img's VAE side: images (N, 3, H, W) in [-1, 1] -> posterior samples (N, 4, h, w); latents pass as is.
+    A piece of the encoder at a time: it yields between them and returns the EncodedImage."""
     if image.shape[1] == vae.config.latent_channels:
         return EncodedImage(image.to(device=device, dtype=dtype))
-    latents = sample_image_latents(vae, image, batch_size, generator, device, dtype)
+    latents = yield from sample_image_latents(vae, image, batch_size, generator, device, dtype)
     return EncodedImage(latents, draws=Draws(image_samples=latents.shape[0], dtype=sample_dtype(vae)))
 
 
 @torch.no_grad()
-def encode_inpaint_stage(
+def encode_image_stage(*args, **kwargs) -> EncodedImage:
+    """encode_image_pieces, all at once."""
+    return to_end(encode_image_pieces(*args, **kwargs))
+
+
+def encode_inpaint_pieces(
     vae: AutoencoderKL, image: torch.Tensor, mask: torch.Tensor, batch_size: int, generator: GeneratorLike,
     device: torch.device, dtype: torch.dtype, *, encode_image: bool = True, masked_image_latents: bool = False,
     given_masked_image_latents: torch.Tensor | None = None, noise_dtype: torch.dtype | None = None,
-) -> EncodedImage:
-    """Inpaint's VAE side: image (N, 3, H, W) in [-1, 1] or latents (N, 4, h, w) and mask (M, 1, H, W) ->
+) -> Pieces:
+    """Inpaint's VAE side, a piece of the encoder at a time (it yields between them, returns the EncodedImage): image (N, 3, H, W) in [-1, 1] or latents (N, 4, h, w) and mask (M, 1, H, W) ->
     image latents, the mask at latent size, and (masked_image_latents: 9-channel UNets) the masked image's latents.
 
     Draws as StableDiffusionXLInpaintPipeline: the image's samples (unless not `encode_image`: a 9-channel UNet
@@ -107,7 +112,7 @@ def encode_inpaint_stage(
     if is_latents:
         latents = image.to(device=device, dtype=dtype)
     elif encode_image:
-        latents = encode(vae, image.to(device=device, dtype=dtype), generator).to(dtype)
+        latents = (yield from encode(vae, image.to(device=device, dtype=dtype), generator)).to(dtype)
         image_samples = latents.shape[0]
     if given_masked_image_latents is not None or is_latents:
         masked = given_masked_image_latents
@@ -116,12 +121,18 @@ def encode_inpaint_stage(
         source = masked_image(image, mask).to(device=device, dtype=dtype)  # (N', 3, H, W)
         masked_samples = source.shape[0]
         if masked_image_latents:
-            masked = encode(vae, source, generator).to(dtype)
+            masked = (yield from encode(vae, source, generator)).to(dtype)
         else:
             skip_draws(generator, masked_samples, (vae.config.latent_channels, h, w), sample_dtype(vae))
             masked = None
     draws = Draws(image_samples, masked_samples, sample_dtype(vae))
     return EncodedImage(latents, mask_latents, masked, draws)
+
+
+@torch.no_grad()
+def encode_inpaint_stage(*args, **kwargs) -> EncodedImage:
+    """encode_inpaint_pieces, all at once."""
+    return to_end(encode_inpaint_pieces(*args, **kwargs))
 
 
 # --- the denoiser side: one function per mode, each starting a run of a DenoisePlan (`*_start`, for a serving

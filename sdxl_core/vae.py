@@ -6,7 +6,8 @@ the same names and shapes, so diffusers-format weights load without a key map.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -109,11 +110,16 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(channels[-1], 2 * config.latent_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        for step in self.steps():
+            x = step(x)
+        return x
+
+    def steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """forward as a chain of pieces: conv_in, every resnet and downsampler, the mid block, the head."""
+        pieces = [self.conv_in]
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+            pieces += [*block.resnets, *(block.downsamplers or [])]
+        return pieces + [self.mid_block, lambda x: self.conv_out(F.silu(self.conv_norm_out(x)))]
 
 
 class Decoder(nn.Module):
@@ -187,6 +193,10 @@ class AutoencoderKL(nn.Module):
         """Images in [-1, 1], (B, 3, H, W) -> the posterior over unscaled latents (B, 4, H/8, W/8)."""
         return LatentDistribution(self.quant_conv(self.encoder(images)))
 
+    def encode_steps(self) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+        """encode's moments as a chain of pieces (Encoder.steps)."""
+        return [*self.encoder.steps(), self.quant_conv]
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, 4, h, w) -> images in [-1, 1], (B, 3, 8h, 8w)."""
         return self.decoder(self.post_quant_conv(z))
@@ -210,15 +220,39 @@ def computing_vae(vae: AutoencoderKL) -> AutoencoderKL:
     return upcast
 
 
+Pieces = Generator[None, None, Any]  # yields between pieces of model work, returns the result
+
+
+def to_end(pieces: Pieces) -> Any:
+    """Every piece in turn: the result, as the work done at once."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as done:
+            return done.value
+
+
+def images_to_latents_pieces(
+    vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike = None, sample: bool = True
+) -> Pieces:
+    """images_to_latents, yielding after each piece of the encoder (a serving engine runs other work between)."""
+    model = computing_vae(vae)
+    x = images.to(device=model.device, dtype=model.dtype)
+    for step in model.encode_steps():
+        with torch.no_grad():  # per piece: a grad mode held across a yield would leak into the caller
+            x = step(x)
+        yield
+    posterior = LatentDistribution(x)
+    latents = posterior.sample(generator) if sample else posterior.mode()
+    return vae.config.scaling_factor * latents.to(images.dtype)  # (B, 4, H/8, W/8)
+
+
 @torch.no_grad()
 def images_to_latents(
     vae: AutoencoderKL, images: torch.Tensor, generator: GeneratorLike = None, sample: bool = True
 ) -> torch.Tensor:
     """Images in [-1, 1] -> latents in the UNet's space, scaled (diffusers' SDXL img2img prepare_latents)."""
-    model = computing_vae(vae)
-    posterior = model.encode(images.to(device=model.device, dtype=model.dtype))
-    latents = posterior.sample(generator) if sample else posterior.mode()
-    return vae.config.scaling_factor * latents.to(images.dtype)  # (B, 4, H/8, W/8)
+    return to_end(images_to_latents_pieces(vae, images, generator, sample))
 
 
 @torch.no_grad()

@@ -39,9 +39,11 @@ def request_id_from(metadata) -> str:
 
 
 def outgoing_metadata(*extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
-    """Metadata for a downstream call: the current request id, then `extra`."""
+    """Metadata for a downstream call: the current request id, then `extra`, then the trace context if tracing."""
+    from . import tracing  # here, not at the top: tracing reads the request id from this module
+
     rid = request_id()
-    return (((REQUEST_ID_KEY, rid),) if rid else ()) + extra
+    return (((REQUEST_ID_KEY, rid),) if rid else ()) + extra + tracing.outgoing()
 
 
 def remaining_timeout(context: grpc.ServicerContext, margin_s: float = 0.0) -> float | None:

@@ -1,4 +1,4 @@
-"""Channels from the orchestrator to its stages: address lists or DNS names, round robin, retry on UNAVAILABLE."""
+"""Channels from the orchestrator to its stages: address lists or DNS names, round robin, keepalive."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ import grpc
 
 from .tls import ChannelTls
 
-# Idempotent calls are retried once on UNAVAILABLE (a stopped or draining replica), on another replica by
-# round robin. Denoise is too: the orchestrator always sends a seed, so a retry computes the same latents, and a
-# draining replica refuses before its first step. gRPC retries only until the first response arrives.
+# Stage calls are streams, and grpcio (1.85) hangs a stream that has a retryPolicy when its peer dies before
+# answering: round_robin or pick_first, it stays blocked past its own deadline, where the same call without one
+# fails UNAVAILABLE at once (tests/services/test_orchestrator.py pins this). So only the unary Describe is retried
+# here; the orchestrator runs a lost stream again itself, on another replica (orchestrator.py Run.retry).
 SERVICE_CONFIG = {
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
-        "name": [{"service": "sdxl.v1.TextEncoder"}, {"service": "sdxl.v1.Vae"}, {"service": "sdxl.v1.Denoiser"}],
+        "name": [{"service": "sdxl.v1.StageInfo"}],
         "retryPolicy": {"maxAttempts": 2, "initialBackoff": "0.05s", "maxBackoff": "0.2s", "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE"]},
     }],
 }
-RETRY_BUFFER_BYTES = 64 * 2**20  # a retried stream replays its requests: buffer a 1024 x 1024 batch's tensors
+KEEPALIVE_S = 5.0  # ping a stage this often, even mid-call with no data moving (a long step or decode) ...
+KEEPALIVE_TIMEOUT_S = 5.0  # ... and call the connection dead, failing its calls, when no answer comes this soon
+RECONNECT_BACKOFF_S = (0.2, 1.0)  # first and longest wait before reconnecting: a restarted replica is back in 1 s
 
 
 def channel_target(addresses: str) -> str:
@@ -48,12 +51,17 @@ def channel_target(addresses: str) -> str:
 
 
 def stage_channel(addresses: str, max_message_bytes: int, tls: ChannelTls | None = None) -> grpc.Channel:
-    """One channel to a stage's replicas: round robin, one retry on UNAVAILABLE, large messages allowed;
+    """One channel to a stage's replicas: round robin, keepalive, large messages allowed;
     TLS (verifying the stage's certificate, and showing ours for mTLS) when `tls` is given."""
     options = [
         ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
         ("grpc.enable_retries", 1),
-        ("grpc.per_rpc_retry_buffer_size", RETRY_BUFFER_BYTES),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),  # default 2: a long decode would go unwatched after two pings
+        ("grpc.initial_reconnect_backoff_ms", int(RECONNECT_BACKOFF_S[0] * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(RECONNECT_BACKOFF_S[1] * 1000)),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         # Server-streaming calls (EncodePrompt) read their responses on the calling thread instead of through the

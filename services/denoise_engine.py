@@ -16,7 +16,7 @@ import torch
 
 from sdxl_core.denoise import Denoising, OnStep, UNetInputs
 
-from . import metrics
+from . import metrics, tracing
 from .engine import Engine, Job
 
 MIN_ROWS = 2  # one image with guidance: never split
@@ -92,11 +92,14 @@ class DenoiseEngine(Engine):
                 rows += job.work.rows
         if not batch:
             return
-        began = time.perf_counter()
+        began, began_ns = time.perf_counter(), time.time_ns()
         noise_pred = self.unet(*UNetInputs.cat([job.work.run.unet_inputs() for job in batch]))
         for job, rows_of_job in zip(batch, noise_pred.split([job.work.rows for job in batch])):
             run = job.work.run
-            run.advance(rows_of_job)
+            # Each job's step: the forward it shared, then its own sampler step; under the job's server span.
+            with tracing.span("denoise step", parent=job.trace_context, start_ns=began_ns,
+                              step=run.step - run.start + 1, total=run.end - run.start, rows_in_forward=rows):
+                run.advance(rows_of_job)
             if run.done:
                 job.finish(run.latents)
         metrics.observe_step(self.stage, time.perf_counter() - began)

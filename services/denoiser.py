@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 
 from sdxl.v1 import denoiser_pb2, denoiser_pb2_grpc, stage_pb2
 from sdxl_core.denoise import Conditioning, Denoising, OnStep
@@ -23,7 +23,7 @@ from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.prompts import PromptEmbeddings
 from sdxl_core.request import SCHEDULER, DenoisePlan, MicroConditioning, Mode, is_inpainting_unet, plan_denoise
-from sdxl_core.schedulers import SCHEDULERS
+from sdxl_core.schedulers import SCHEDULERS, check_options
 from sdxl_core.stages import START, Draws, EncodedImage, text2img_start
 from sdxl_wire.tensors import (
     DTYPES,
@@ -48,7 +48,8 @@ add_servicer = denoiser_pb2_grpc.add_DenoiserServicer_to_server
 # only its embeddings and latents until it runs, so both bounds can be deep.
 OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
 MAX_STEPS = 1000  # the training schedule's length: more steps than timesteps is never useful
-MAX_SIDE = 8192  # pixels per side when no latents are sent; bounds the work of one call
+MAX_SIDE = 8192  # pixels per side when no latents are sent
+MAX_PIXELS = 2048 * 2048  # per image, latents given or not (--max-pixels): bounds the work of one call
 MAX_PREVIEW_BYTES = 1 << 20  # denoiser.proto: previews over 1 MiB are left out
 TENSOR_NAMES = ("prompt_embeds", "pooled_prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
                 "latents", "image_latents", "mask", "masked_image_latents")
@@ -98,9 +99,12 @@ def _optional(message, name: str):
     return getattr(message, name) if message.HasField(name) else None
 
 
-def scheduler_options(header: denoiser_pb2.DenoiseHeader) -> dict:
-    """The Struct as from_config kwargs: whole numbers (doubles on the wire) as ints."""
-    options = json_format.MessageToDict(header.scheduler_options)
+def scheduler_options(options: struct_pb2.Struct) -> dict:
+    """A `scheduler_options` Struct as from_config kwargs: whole numbers (doubles on the wire) as ints."""
+    try:
+        options = json_format.MessageToDict(options)
+    except ValueError:  # NaN or infinity, which JSON cannot hold
+        raise ValueError("`scheduler_options` must hold finite numbers") from None
     return {k: int(v) if isinstance(v, float) and v.is_integer() else v for k, v in options.items()}
 
 
@@ -108,8 +112,9 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     """Denoise over one UNet, whose engine advances every call it holds step by step."""
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS,
-                 policy: str = "batch", max_batch_rows: int | None = None):
+                 policy: str = "batch", max_batch_rows: int | None = None, max_pixels: int = MAX_PIXELS):
         self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
+        self.max_pixels = max_pixels
         self.stage = model_type(unet.config)  # base, refiner or inpainting: the server's and the metrics' name
         self.engine = DenoiseEngine(unet, self.stage, policy, RowBudget(max_batch_rows))
 
@@ -158,6 +163,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         context, pooled = ("B", "L", config.cross_attention_dim), ("B", config.pooled_projection_dim)
         embeds = [expect(tensors, "prompt_embeds", context, FLOATS, dims),
                   expect(tensors, "pooled_prompt_embeds", pooled, FLOATS, dims)]
+        check_sizes(dims, {"B": "the batch", "L": "the prompt's tokens"})
         latents = expect(tensors, "latents", ("B", 4, "h", "w"), FLOATS, dims, required=False)
         image = self.image_inputs(tensors, dims)
         if latents is not None and image is not None:
@@ -185,22 +191,30 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
 
     def plan(self, header: denoiser_pb2.DenoiseHeader, mode: Mode) -> DenoisePlan:
         """The request's plan over this UNet and the model's scheduler config with the request's overrides."""
+        options = scheduler_options(header.scheduler_options)
+        steps = header.num_inference_steps or None
+        check_options(header.scheduler or SCHEDULER, options, self.scheduler_config, steps)
         try:
-            return plan_denoise(
-                self.unet.config, {**self.scheduler_config, **scheduler_options(header)}, mode,
-                num_inference_steps=header.num_inference_steps or None, scheduler=header.scheduler or None,
+            plan = plan_denoise(
+                self.unet.config, {**self.scheduler_config, **options}, mode,
+                num_inference_steps=steps, scheduler=header.scheduler or None,
                 guidance_scale=_optional(header, "guidance_scale"), guidance_rescale=header.guidance_rescale,
                 strength=_optional(header, "strength"), denoising_start=_optional(header, "denoising_start"),
                 denoising_end=_optional(header, "denoising_end"), device=self.device)
         except (TypeError, KeyError) as exc:  # a mistyped scheduler option; ValueErrors already name theirs
             name = header.scheduler or SCHEDULER
             raise ValueError(f"`scheduler_options` do not fit scheduler {name!r}: {exc}") from None
+        if not 0 <= plan.start < plan.end <= plan.schedule.num_steps:
+            raise ValueError(f"`denoising_start` / `denoising_end` leave no step of the {plan.schedule.num_steps} "
+                             f"of this schedule to run; raise `num_inference_steps`")
+        return plan
 
     def image_inputs(self, tensors: dict, dims: dict) -> EncodedImage | None:
         """image_latents, mask and masked_image_latents checked against the UNet; None without them."""
         image_latents = expect(tensors, "image_latents", ("N", 4, "h", "w"), FLOATS, dims, required=False)
         mask = expect(tensors, "mask", ("M", 1, "h", "w"), FLOATS, dims, required=False)
         masked = expect(tensors, "masked_image_latents", ("K", 4, "h", "w"), FLOATS, dims, required=False)
+        check_sizes(dims, {"N": "`image_latents`", "M": "`mask`", "K": "`masked_image_latents`"})
         if is_inpainting_unet(self.unet.config.in_channels) and (mask is None or masked is None):
             raise ValueError("this inpainting UNet (9 input channels) needs `mask` and `masked_image_latents`")
         if mask is None and masked is not None:
@@ -219,9 +233,15 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         return Draws(d.image_samples, d.masked_image_samples, dtype)
 
     def latent_size(self, header, dims: dict) -> tuple[int, int]:
-        """(h, w): the tensors', or height / width / 8 when only noise is drawn."""
-        if "h" in dims:
-            return dims["h"], dims["w"]
+        """(h, w): the tensors', or height / width / 8 when only noise is drawn; at most max_pixels either way."""
+        h, w = (dims["h"], dims["w"]) if "h" in dims else self._noise_size(header)
+        if not (h >= 1 and w >= 1 and h * w * VAE_SCALE_FACTOR**2 <= self.max_pixels):
+            raise ValueError(f"the image of {h * VAE_SCALE_FACTOR}x{w * VAE_SCALE_FACTOR} pixels (latents {h}x{w}) "
+                             f"must hold 1 to {self.max_pixels} pixels (this stage's --max-pixels)")
+        return h, w
+
+    def _noise_size(self, header) -> tuple[int, int]:
+        """height / width / 8, the UNet's default size where unset."""
         default = self.unet.config.sample_size * VAE_SCALE_FACTOR  # as the pipeline: 1024 for SDXL
         sides = []
         for name in ("height", "width"):
@@ -240,6 +260,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             return text2img_start(self.unet.config, call.plan, call.conditioning, latents=call.latents,
                                   latent_size=call.latent_size, **common)
         return START[call.plan.mode](self.unet.config, call.plan, call.conditioning, call.image, **common)
+
+
+def check_sizes(dims: dict, names: dict[str, str]) -> None:
+    """ValueError if a dimension of the request's tensors is empty (the model cannot run on nothing)."""
+    for letter, name in names.items():
+        if dims.get(letter) == 0:
+            raise ValueError(f"{name} must not be empty, got a size of 0")
 
 
 def check_divides_batch(dims: dict) -> None:

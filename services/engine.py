@@ -27,7 +27,7 @@ from typing import Any
 
 from sdxl.v1 import stage_pb2
 
-from . import metrics
+from . import metrics, tracing
 from .errors import Cancelled, DeadlineExceeded
 
 POLICIES = ("batch", "fifo")
@@ -70,6 +70,8 @@ class Job:
     served: int = -1  # the iteration that last advanced it
     seq: int = 0  # arrival order
     done: bool = False
+    # The submitting RPC thread's context (its server span): the engine's worker parents the job's spans on it.
+    trace_context: Any = field(default_factory=tracing.current)
 
     def progress(self, value) -> None:
         self.events.put(("progress", value))

@@ -44,12 +44,17 @@ _CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 )
 
 
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(code, message) for an exception; unknown ones are INTERNAL and name their type."""
+def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """(code, message) for an exception. Unknown ones are INTERNAL with a fixed message naming the request id:
+    their text (a library's, possibly with addresses or internals) goes only to the log."""
     for kind, code in _CODES:
         if isinstance(exc, kind):
             return code, str(exc)
-    if isinstance(exc, grpc.RpcError) and isinstance(exc, grpc.Call):
-        # A downstream call failed: its code passes through, so UNAVAILABLE stays retryable.
-        return exc.code(), exc.details() or ""
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, grpc.RpcError) and not isinstance(exc, grpc.Call):
+        return grpc.StatusCode.CANCELLED, "the call ended while its requests were read"  # the client went away
+    if isinstance(exc, grpc.RpcError):
+        # A downstream call failed: its code passes through, so UNAVAILABLE stays retryable; UNKNOWN (a stage that
+        # failed outside its interceptor) is an internal error here too.
+        if exc.code() not in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+            return exc.code(), exc.details() or ""
+    return grpc.StatusCode.INTERNAL, f"internal error; request id {request_id or 'unknown'}"

@@ -8,9 +8,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sdxl.v1 import orchestrator_pb2, stage_pb2, tensor_pb2
-from sdxl_core.request import HIGH_NOISE_FRAC, Mode, from_pure_noise, guidance_scale_for, strength_for
-from sdxl_core.schedulers import SCHEDULERS
+from sdxl_core.request import HIGH_NOISE_FRAC, SCHEDULER, Mode, from_pure_noise, guidance_scale_for, strength_for
+from sdxl_core.schedulers import SCHEDULERS, check_options
 
+from .denoiser import scheduler_options
 from .errors import FailedPrecondition
 
 TEXT2IMG, IMG2IMG, INPAINT = orchestrator_pb2.MODE_TEXT2IMG, orchestrator_pb2.MODE_IMG2IMG, orchestrator_pb2.MODE_INPAINT
@@ -118,10 +119,22 @@ def check_params(request: Generate, limits: Limits, has_refiner: bool) -> None:
     for name in ("scheduler", "refiner_scheduler"):
         if getattr(p, name) and getattr(p, name) not in SCHEDULERS:
             raise ValueError(f"`{name}` must be one of {', '.join(SCHEDULERS)}, got {getattr(p, name)!r}")
+    _check_scheduler_options(p)
     if p.priority not in stage_pb2.Priority.values():
         raise ValueError(f"`priority` must be one of {', '.join(stage_pb2.Priority.keys())}, got {p.priority}")
     _check_mode(request)
     _check_refiner(p, has_refiner)
+
+
+def _check_scheduler_options(p) -> None:
+    """The options against each scheduler they go to, over SDXL 1.0's config (each denoiser checks them again
+    over its model's)."""
+    if not p.HasField("scheduler_options"):
+        return
+    options = scheduler_options(p.scheduler_options)
+    check_options(p.scheduler or SCHEDULER, options)
+    if p.refiner == REFINE and p.refiner_scheduler:
+        check_options(p.refiner_scheduler, options)
 
 
 def _check_prompts(p) -> None:

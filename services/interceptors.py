@@ -103,7 +103,7 @@ class StageInterceptor(grpc.ServerInterceptor):
             code = _early_end_code(context)
             raise
         except Exception as exc:
-            code, message = _handler_status(context) or status_for(exc)
+            code, message = _handler_status(context) or status_for(exc, rid)
             if code is grpc.StatusCode.INTERNAL:
                 self.log.exception("request_id=%s method=%s failed", rid, method, extra={"request_id": rid})
             context.abort(code, message)

@@ -73,7 +73,7 @@ class ServeOptions:
     base_model: str | None = None
     refiner_model: str | None = None
     no_refiner: bool = False
-    host: str = "[::]"
+    host: str = "127.0.0.1"  # loopback only unless asked: "[::]" for every interface
     port: int = 50051  # the orchestrator's; 0 picks a free one
     device: str | None = None  # every stage's, unless placed otherwise
     placement: str | None = None  # "base=cuda:0+cuda:1,refiner=cuda:2,text_encoder=cuda:2,vae=cuda:2"
@@ -93,6 +93,7 @@ class ServeOptions:
     vae_whole_pixels: int | None = None  # the VAE's --vae-whole-pixels; None: its default
     start_timeout_s: float = 600.0  # loading full-size weights from a cold disk takes minutes
     grace_s: float = 30.0  # the stages drain for up to 25 s on SIGTERM
+    auth_token_file: str | None = None  # every process's --auth-token-file: one token for clients and stages
 
     def __post_init__(self):
         if self.base_model and not self.refiner_model and not self.no_refiner:
@@ -164,7 +165,7 @@ class ServeOptions:
         if process.stage == "vae":
             args += ["--vae-tile", str(self.vae_tile)] if self.vae_tile else []
             args += ["--vae-whole-pixels", str(self.vae_whole_pixels)] if self.vae_whole_pixels else []
-        return args
+        return args + self._auth_args()
 
     def orchestrator_args(self, processes: list[StageProcess], addresses: dict[str, str]) -> list[str]:
         """Each stage's addresses, replicas as one list; the orchestrator asks the stages the rest (Describe)."""
@@ -172,7 +173,10 @@ class ServeOptions:
         for stage in STAGES:
             if listed := [addresses[p.name] for p in processes if p.stage == stage]:
                 args += [f"--{_flag(stage)}", ",".join(listed)]
-        return args
+        return args + self._auth_args()
+
+    def _auth_args(self) -> list[str]:
+        return ["--auth-token-file", self.auth_token_file] if self.auth_token_file else []
 
 
 def _flag(stage: str) -> str:
@@ -212,6 +216,8 @@ class Child:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=_TAIL_LINES))
     listening: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread | None = None
+    stage: str = ""  # what spawn() ran, to run it again
+    args: tuple[str, ...] = ()
 
     def describe_failure(self, what: str) -> str:
         """An error message with the process's exit status and its last output lines."""
@@ -232,7 +238,7 @@ def spawn(stage: str, args: list[str], address: str, echo: TextIO | None = None,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         text=True, bufsize=1, env=env, preexec_fn=_die_with_parent,  # noqa: PLW1509 - calls only a looked-up function
     )
-    child = Child(name, address, process)
+    child = Child(name, address, process, stage=stage, args=tuple(args))
     child.reader = threading.Thread(target=_pump, args=(child, echo), name=f"sdxl-{name}-output", daemon=True)
     child.reader.start()
     return child
@@ -341,6 +347,12 @@ class Cluster:
         """A child that has exited, if any."""
         return next((c for c in self.children if c.process.poll() is not None), None)
 
+    def respawn(self, child: Child) -> Child:
+        """Start `child`'s process again, on its address, in its place; call from the thread that started it."""
+        new = spawn(child.stage, list(child.args), child.address, self.echo, child.name)
+        self.children[self.children.index(child)] = new
+        return new
+
     def stop(self) -> dict[str, int]:
         """Stop every process; returns their exit codes by name."""
         return stop(self.children, self.options.grace_s)
@@ -353,8 +365,67 @@ class Cluster:
         self.stop()
 
 
-def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | None = sys.stderr) -> int:
-    """Run `sdxl serve --all` until SIGINT / SIGTERM or a process dies; returns the exit status."""
+@dataclass(frozen=True)
+class Supervision:
+    """How `sdxl serve --all` restarts a process that dies: on its address (the orchestrator's list of replicas
+    stays right), after a backoff that doubles with each of its deaths within `window_s`. At `max_deaths` deaths
+    of one process within `window_s` (one that fails at start gets there in under a minute) it gives up."""
+
+    backoff_s: float = 1.0
+    max_backoff_s: float = 16.0
+    max_deaths: int = 5
+    window_s: float = 120.0
+
+
+class Supervisor:
+    """Restarts the cluster's processes that die. Call check() from the thread that started them: a child is
+    sent SIGTERM when the thread that spawned it ends (PR_SET_PDEATHSIG)."""
+
+    def __init__(self, cluster: Cluster, policy: Supervision, stopping: threading.Event, log: TextIO):
+        self.cluster, self.policy, self.stopping, self.log = cluster, policy, stopping, log
+        self.deaths: dict[str, list[float]] = collections.defaultdict(list)
+        self.due: dict[str, tuple[float, float]] = {}  # name -> (when it died, when to restart it)
+
+    def check(self) -> Child | None:
+        """Restart the processes whose backoff is over, schedule those that died; return one that died too
+        often, if any."""
+        now = time.monotonic()
+        for child in list(self.cluster.children):
+            if child.name in self.due:
+                died, restart_at = self.due[child.name]
+                if now >= restart_at:
+                    del self.due[child.name]
+                    self._write(f"restarting {child.name} on {child.address}")
+                    new = self.cluster.respawn(child)
+                    threading.Thread(target=self._report, args=(new, died), daemon=True,
+                                     name=f"sdxl-{child.name}-restart").start()
+            elif child.process.poll() is not None:
+                deaths = [t for t in self.deaths[child.name] if now - t < self.policy.window_s] + [now]
+                self.deaths[child.name] = deaths
+                if len(deaths) >= self.policy.max_deaths:
+                    return child
+                delay = min(self.policy.backoff_s * 2 ** (len(deaths) - 1), self.policy.max_backoff_s)
+                self.due[child.name] = (now, now + delay)
+                self._write(child.describe_failure("stopped unexpectedly") + f"restarting it in {delay:.1f} s "
+                            f"({len(deaths)} of {self.policy.max_deaths} deaths allowed in {self.policy.window_s:.0f} s)")
+        return None
+
+    def _report(self, child: Child, died: float) -> None:
+        try:
+            wait_ready(child, time.monotonic() + self.cluster.options.start_timeout_s, self.stopping)
+        except (LaunchError, Aborted):
+            return  # check() sees it exit
+        self._write(f"{child.name} is SERVING again, {time.monotonic() - died:.1f} s after it stopped")
+
+    def _write(self, line: str) -> None:
+        self.log.write(f"sdxl serve --all: {line.rstrip()}\n")
+        self.log.flush()
+
+
+def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | None = sys.stderr,
+              supervision: Supervision = Supervision()) -> int:
+    """Run `sdxl serve --all` until SIGINT / SIGTERM, restarting processes that die (Supervision); returns the exit
+    status: 1 if one kept dying."""
     try:
         cluster = Cluster(options, echo)
     except ValueError as e:  # a placement the orchestrator cannot serve
@@ -369,9 +440,11 @@ def serve_all(options: ServeOptions, out: TextIO = sys.stdout, echo: TextIO | No
                        for name, address in cluster.endpoints().items())
         out.write(f"serving on {cluster.address}\n")
         out.flush()
+        supervisor = Supervisor(cluster, supervision, stopping, sys.stderr)
         while not stopping.wait(0.5):
-            if (dead := cluster.failed()) is not None:
-                sys.stderr.write(dead.describe_failure("stopped unexpectedly") + "stopping the others\n")
+            if (dead := supervisor.check()) is not None:
+                sys.stderr.write(dead.describe_failure(f"stopped {supervision.max_deaths} times in "
+                                                       f"{supervision.window_s:.0f} s") + "stopping the others\n")
                 return 1
         return 0
     except LaunchError as e:
@@ -391,7 +464,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", help="the base model (folder or file); default: the tiny model")
     p.add_argument("--refiner-model", help="the refiner model; default: the tiny model")
     p.add_argument("--no-refiner", action="store_true", help="start no refiner stage")
-    p.add_argument("--host", default="[::]", help="the orchestrator's listening host (default: all interfaces)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="the orchestrator's listening host (default: loopback only; [::] for every interface)")
+    p.add_argument("--auth-token-file", metavar="PATH",
+                   help="require 'authorization: Bearer TOKEN' (this file's content) on every process's calls but "
+                        "health; the orchestrator sends it to the stages")
     p.add_argument("--port", type=int, default=50051, help="the orchestrator's port; 0 picks a free one")
     p.add_argument("--device", help="every stage's device, unless placed otherwise; default: spread over the "
                                     "visible GPUs (deploy/README.md), cpu without one")
@@ -428,7 +505,7 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
         threads=args.threads, policy=args.policy, max_batch_rows=args.max_batch_rows,
         vae_tile=args.vae_tile, vae_whole_pixels=args.vae_whole_pixels,
-        start_timeout_s=args.start_timeout,
+        start_timeout_s=args.start_timeout, auth_token_file=args.auth_token_file,
         **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in STAGES for kind in ("device", "dtype")},
     )
 

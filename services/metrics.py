@@ -114,6 +114,12 @@ def model_loaded(stage: str, model: str, device: str, dtype: str) -> None:
         ACCELERATOR_MEMORY.devices[device if ":" in device else "cuda:0"] = stage
 
 
-def start_http_server(port: int) -> None:
-    """Expose /metrics on `port`."""
-    prometheus_client.start_http_server(port)
+def start_http_server(port: int, host: str = "127.0.0.1") -> None:
+    """Expose /metrics on `port` of `host`, written as in --address ("[::]", "0.0.0.0", "127.0.0.1")."""
+    host = host.strip("[]") or "::"
+    try:
+        prometheus_client.start_http_server(port, host)
+    except OSError:
+        if host != "::":
+            raise
+        prometheus_client.start_http_server(port, "0.0.0.0")  # a host without IPv6: grpc's "[::]" falls back too

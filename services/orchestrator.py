@@ -10,6 +10,7 @@ Inpainting, both are SDXLInpaintPipeline and the refiner gets the base's mask wi
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -33,7 +34,9 @@ from sdxl.v1 import (
 from sdxl_core.request import REFINER_STRENGTH, is_inpainting_unet, needs_image_latents
 from sdxl_wire.tensors import packed
 
-from .calls import call_options
+from . import tracing
+from .auth import with_token
+from .calls import call_options, remaining_timeout
 from .channels import stage_channel
 from .generate_params import ENSEMBLE, INPAINT, NONE, REFINE, TEXT2IMG, Generate, Limits, read_generate
 from .server import Server, ServerOptions
@@ -43,6 +46,14 @@ SERVICE = "sdxl.v1.Orchestrator"
 # It only waits on stages, so many Generates may be in flight; the stages' own queues bound the work.
 OPTIONS = ServerOptions(max_concurrency=64, max_queue=64)
 Stage = orchestrator_pb2.Stage
+# A stage call is a pure function of its inputs and seed, so one whose replica was lost (UNAVAILABLE: killed,
+# draining, unreachable) or full (RESOURCE_EXHAUSTED: another replica may have room) runs again on another
+# replica and gives the same result. At most this many times per call:
+MAX_RETRIES = 2
+READY_WAIT_S = 3.0  # before running a call again, wait this long at most for a replica of its stage to be ready
+RETRIED = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RESTARTED = object()  # Reservation.responses() yields it before the responses of a call run again
+log = logging.getLogger("sdxl.orchestrator")
 
 class InFlight:
     """The stage calls of one Generate; all cancelled when the Generate ends early (client gone, deadline)."""
@@ -72,28 +83,64 @@ class InFlight:
 
 class Reservation:
     """A Denoise call opened before its inputs exist: the stage admits it, or refuses it, before any other stage
-    spends time on the request. `send` gives it its messages once they are there."""
+    spends time on the request. `send` gives it its messages once they are there; they are kept, so that a call
+    whose replica is lost can be opened again on another one and sent them again."""
 
     def __init__(self, run: Run, name: str, stub: denoiser_pb2_grpc.DenoiserStub):
-        self._messages: queue.SimpleQueue = queue.SimpleQueue()
-        self._ended = run.calls.ended
-        self.responses = run.stage_call(name, stub.Denoise, self._requests())
-        next(self.responses)  # Admitted, or the stage's error (RESOURCE_EXHAUSTED when full) aborts the Generate
+        self.run, self.name, self.stub = run, name, stub
+        self.span = tracing.LongCall(name, "Denoise")
+        self.sent: list | None = None
+        self.attempt = 0
+        self._messages: queue.SimpleQueue | None = None
+        self._open()
 
-    def _requests(self) -> Iterator[denoiser_pb2.DenoiseRequest]:
-        while not self._ended.is_set():  # the Generate ended before sending: let grpc's reader go
+    def _open(self) -> None:
+        """Open the call and wait for Admitted; a refusal or a lost replica opens it again elsewhere, or aborts."""
+        while True:
+            if self._messages is not None:
+                self._messages.put(None)  # let the abandoned call's request thread go
+            self._messages = queue.SimpleQueue()
+            if self.sent is not None:
+                self._put(self.sent)
+            with self.span.current():
+                self.call = self.run.calls.track(
+                    self.stub.Denoise(self._requests(self._messages), **call_options(self.run.context)))
             try:
-                message = self._messages.get(timeout=0.1)
+                next(self.call)  # Admitted
+                return
+            except grpc.RpcError as error:
+                self.attempt = self.run.retry(self.name, error, self.attempt)
+
+    def _requests(self, messages: queue.SimpleQueue) -> Iterator[denoiser_pb2.DenoiseRequest]:
+        while not self.run.calls.ended.is_set():  # the Generate ended before sending: let grpc's reader go
+            try:
+                message = messages.get(timeout=0.1)
             except queue.Empty:
                 continue
             if message is None:
                 return
             yield message
 
-    def send(self, messages: Iterable[denoiser_pb2.DenoiseRequest]) -> None:
+    def _put(self, messages: list) -> None:
         for message in messages:
             self._messages.put(message)
         self._messages.put(None)
+
+    def send(self, messages: Iterable[denoiser_pb2.DenoiseRequest]) -> None:
+        self.sent = list(messages)
+        self._put(self.sent)
+
+    def responses(self) -> Iterator:
+        """The call's responses after Admitted; RESTARTED, then a new call's, each time it runs again."""
+        while True:
+            try:
+                yield from self.call
+                self.span.end()
+                return
+            except grpc.RpcError as error:
+                self.attempt = self.run.retry(self.name, error, self.attempt)
+            self._open()
+            yield RESTARTED
 
 
 def _renamed(chunks: Iterable[tensor_pb2.TensorChunk], names: dict[str, str]) -> Iterator[tensor_pb2.TensorChunk]:
@@ -121,13 +168,39 @@ class Run:
         self.stubs, self.request, self.context = stubs, request, context
         self.calls = InFlight(context)
 
-    def stage_call(self, name: str, method: Callable, request) -> Iterator:
-        """A stage's responses; its error passes through with its code and the stage named."""
-        call = self.calls.track(method(request, **call_options(self.context)))
-        try:
-            yield from call
-        except grpc.RpcError as error:
+    def stage_call(self, name: str, method: Callable, requests: Callable[[], object]) -> list:
+        """A stage's responses, all of them: the call runs again, `requests()` sent again, where Run.retry says;
+        otherwise its error passes through with its code and the stage named."""
+        attempt = 0
+        while True:
+            with tracing.client_span(name, tracing.method_name(method)):
+                call = self.calls.track(method(requests(), **call_options(self.context)))
+                try:
+                    return list(call)
+                except grpc.RpcError as error:
+                    failed = error
+            attempt = self.retry(name, failed, attempt)
+
+    def retry(self, name: str, error: grpc.RpcError, attempt: int) -> int:
+        """Return attempt + 1 once a replica of stage `name` is ready to run a failed call again; abort instead
+        if the error is not a lost or full replica, the retries are spent, the Generate is over, or no replica
+        is ready within READY_WAIT_S."""
+        remaining = remaining_timeout(self.context)
+        wait = READY_WAIT_S if remaining is None else min(READY_WAIT_S, remaining)
+        if error.code() not in RETRIED or attempt >= MAX_RETRIES or self.calls.ended.is_set() or wait <= 0:
             self.stage_failed(name, error)
+        if name == "base" and error.code() == grpc.StatusCode.UNAVAILABLE:
+            self.stubs.base_info.forget()  # the next replica may hold other weights
+        log.warning("%s stage: %s (%s); running the call again (retry %d of %d)", name, error.code().name,
+                    error.details(), attempt + 1, MAX_RETRIES)
+        ready = grpc.channel_ready_future(self.stubs.channel(name))
+        try:
+            ready.result(timeout=wait)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            self.context.abort(grpc.StatusCode.UNAVAILABLE,
+                               f"{name} stage: no replica ready {wait:.1f} s after {error.details()}")
+        return attempt + 1
 
     def stage_failed(self, name: str, error: grpc.RpcError):
         """Abort with the stage's code and message, the stage named."""
@@ -149,7 +222,7 @@ class Run:
         base = Reservation(self, "base", self.stubs.base)
         refiner = Reservation(self, "refiner", self.stubs.refiner) if p.refiner != NONE else None
         yield _progress(Stage.STAGE_ENCODE_PROMPT, 0)
-        prompts = list(self.encode_prompt())
+        prompts = self.encode_prompt()
         yield _progress(Stage.STAGE_ENCODE_PROMPT, 1)
         images, base_header = [], self.base_header()
         if p.mode != TEXT2IMG:
@@ -177,17 +250,17 @@ class Run:
         yield orchestrator_pb2.GenerateResponse(
             result=orchestrator_pb2.GenerateResult(seed=self.request.seed, num_images=self.request.batch_size))
 
-    def encode_prompt(self) -> Iterator[tensor_pb2.TensorChunk]:
+    def encode_prompt(self) -> list[tensor_pb2.TensorChunk]:
         p = self.request.params
         targets = [text_encoder_pb2.TARGET_BASE] + ([text_encoder_pb2.TARGET_REFINER] if p.refiner != NONE else [])
         request = text_encoder_pb2.EncodePromptRequest(
             prompt=p.prompt, prompt_2=p.prompt_2, negative_prompt=p.negative_prompt,
             negative_prompt_2=p.negative_prompt_2, targets=targets, num_images_per_prompt=p.num_images_per_prompt,
             guided=self.request.guidance_scale > 1, priority=p.priority)
-        for response in self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, request):
-            yield from response.chunks
+        responses = self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, lambda: request)
+        return [chunk for response in responses for chunk in response.chunks]
 
-    def encode_image(self) -> Iterator[vae_pb2.EncodeResponse]:
+    def encode_image(self) -> list[vae_pb2.EncodeResponse]:
         p, base = self.request.params, self.base_model()
         in_channels = base.unet.in_channels
         header = vae_pb2.EncodeHeader(
@@ -197,7 +270,7 @@ class Run:
         messages = [vae_pb2.EncodeRequest(header=header)]
         messages += [vae_pb2.EncodeRequest(image=c) for c in self.request.images]
         messages += [vae_pb2.EncodeRequest(mask_image=c) for c in self.request.masks]
-        yield from self.stage_call("vae", self.stubs.vae.Encode, iter(messages))
+        return self.stage_call("vae", self.stubs.vae.Encode, lambda: iter(messages))
 
     def base_header(self) -> denoiser_pb2.DenoiseHeader:
         p = self.request.params
@@ -236,10 +309,12 @@ class Run:
     def denoise(self, stage: int, reservation: Reservation, header, prompts: Iterable, tensors: Iterable,
                 latents: list) -> Iterator:
         """The reserved Denoise call, sent its messages; its progress relayed, its latents chunks appended to
-        `latents`."""
+        `latents`. Run again on another replica, its progress starts again and its latents replace those so far."""
         reservation.send(_with_header(denoiser_pb2.DenoiseRequest, header, itertools.chain(prompts, tensors)))
-        for response in reservation.responses:
-            if response.WhichOneof("event") == "progress":
+        for response in reservation.responses():
+            if response is RESTARTED:
+                latents.clear()
+            elif response.WhichOneof("event") == "progress":
                 progress = response.progress
                 preview = progress.preview if progress.HasField("preview") else None
                 yield _progress(stage, progress.step, progress.total, preview)
@@ -252,7 +327,8 @@ class Run:
         if p.HasField("watermark"):
             header.watermark = p.watermark
         messages = _with_header(vae_pb2.DecodeRequest, header, latents)
-        for response in self.stage_call("vae", self.stubs.vae.Decode, iter(messages)):
+        # Whole before any goes out: a call run again sends its images again, and the client must see them once.
+        for response in self.stage_call("vae", self.stubs.vae.Decode, lambda: iter(messages)):
             if response.WhichOneof("payload") == "image":
                 yield orchestrator_pb2.GenerateResponse(image=response.image)
             else:
@@ -298,16 +374,21 @@ class Stubs:
     """One channel per stage, shared by every Generate."""
 
     def __init__(self, text_encoder: str, base: str, refiner: str | None, vae: str, max_message_bytes: int,
-                 tls: ChannelTls | None = None):
-        self.channels = [stage_channel(a, max_message_bytes, tls) for a in (text_encoder, base, vae)]
+                 tls: ChannelTls | None = None, token: str | None = None):
+        self.channels = [with_token(stage_channel(a, max_message_bytes, tls), token)
+                         for a in (text_encoder, base, vae)]
         self.base_info = Described(self.channels[1])  # what Vae.Encode must know of the base's UNet
         self.text_encoder = text_encoder_pb2_grpc.TextEncoderStub(self.channels[0])
         self.base = denoiser_pb2_grpc.DenoiserStub(self.channels[1])
         self.vae = vae_pb2_grpc.VaeStub(self.channels[2])
         self.refiner = None
         if refiner:
-            self.channels.append(stage_channel(refiner, max_message_bytes, tls))
+            self.channels.append(with_token(stage_channel(refiner, max_message_bytes, tls), token))
             self.refiner = denoiser_pb2_grpc.DenoiserStub(self.channels[-1])
+
+    def channel(self, stage: str) -> grpc.Channel:
+        """The channel to the replicas of `stage`."""
+        return self.channels[("text_encoder", "base", "vae", "refiner").index(stage)]
 
     def close(self) -> None:
         for channel in self.channels:
@@ -334,10 +415,11 @@ def build(
     options: ServerOptions = OPTIONS,
     limits: Limits = Limits(),
     stage_tls: ChannelTls | None = None,
+    stage_token: str | None = None,
 ) -> Server:
     """A started, SERVING orchestrator over the stages at these addresses ("h1:p1,h2:p2" or "dns:///name:port"),
-    calling them over TLS with `stage_tls`."""
-    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, stage_tls)
+    calling them over TLS with `stage_tls` and sending them `stage_token` (auth.py) when given."""
+    stubs = Stubs(text_encoder, base, refiner, vae, options.max_message_bytes, stage_tls, stage_token)
     handler = (orchestrator_pb2_grpc.add_OrchestratorServicer_to_server, OrchestratorServicer(stubs, limits))
     server = Server("orchestrator", [handler], [SERVICE], address, options, on_stop=stubs.close)
     server.start()

@@ -18,8 +18,9 @@ from grpc_reflection.v1alpha import reflection
 from sdxl.v1 import stage_pb2, stage_pb2_grpc
 from sdxl_wire import MAX_MESSAGE_BYTES
 
-from . import describe, metrics
+from . import describe, metrics, tracing
 from .admission import Admission
+from .auth import TokenInterceptor, read_token
 from .interceptors import StageInterceptor
 from .tls import ServerTls
 
@@ -39,12 +40,14 @@ class ServerOptions:
     grace_s: float = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds, so we exit before SIGKILL
     keepalive_time_s: float = 30.0  # ping idle clients so half-open connections are found and closed
     keepalive_timeout_s: float = 10.0
-    min_client_ping_interval_s: float = 10.0  # clients may ping this often without being sent GOAWAY
+    min_client_ping_interval_s: float = 4.0  # clients may ping this often without GOAWAY (stage channels: 5 s)
     extra_threads: int = 4  # beyond admitted work, so health checks, reflection and refusals never wait for it
     metrics_port: int | None = None  # serve Prometheus /metrics here when set
     tls: ServerTls | None = None  # serve TLS (mTLS with a client CA) instead of plaintext
     # Plaintext grpc.health.v1 alone on this port: Kubernetes' gRPC probes cannot speak TLS.
     health_port: int | None = None
+    # Every call but health and reflection must carry `authorization: Bearer <the file's token>`.
+    auth_token_file: str | None = None
 
     def __post_init__(self):
         if self.max_concurrency < 1 or self.max_queue < 0 or self.extra_threads < 1:
@@ -98,6 +101,7 @@ class Server:
         on_stop: Callable[[], None] | None = None,
     ):
         self.stage = stage
+        self.host = address.rsplit(":", 1)[0]  # the metrics port listens here too
         self.on_stop = on_stop  # after the last response went out: release what the handlers held
         self.options = options
         self.service_names = tuple(service_names)
@@ -109,9 +113,13 @@ class Server:
         self._stopped = threading.Event()
         self.serving = threading.Event()
         workers = options.max_concurrency + options.max_queue + options.extra_threads
+        # Tracing inside the stage's own interceptor: its spans carry the request id that one binds.
+        interceptors = [StageInterceptor(stage, self.admission, self.serving), tracing.server_interceptor(stage)]
+        if options.auth_token_file is not None:  # first, so a refused call is never admitted, queued or logged
+            interceptors.insert(0, TokenInterceptor(read_token(options.auth_token_file)))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"sdxl-{stage}"),
-            interceptors=[StageInterceptor(stage, self.admission, self.serving)],
+            interceptors=interceptors,
             options=options.grpc_options(),
         )
         for handler in handlers:
@@ -147,7 +155,7 @@ class Server:
         if self._health_server is not None:
             self._health_server.start()
         if self.options.metrics_port is not None:
-            metrics.start_http_server(self.options.metrics_port)
+            metrics.start_http_server(self.options.metrics_port, self.host)
         self.log.info("stage %s listening on port %d", self.stage, self.port)
         return self.port
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from sdxl_core.loading.hub import is_hub_id
 from sdxl_wire import FLOAT_DTYPES
 
-from . import allocator, logs, metrics
+from . import allocator, logs, metrics, tracing
+from .auth import read_token
 from .engine import POLICIES
 from .server import Pending, Server, ServerOptions
 from .tls import ChannelTls, ServerTls
@@ -29,7 +30,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vae-model", help="vae: a VAE alone (folder or single file) in place of --model's")
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N")
     parser.add_argument("--dtype", default="float32", choices=FLOAT_DTYPES)
-    parser.add_argument("--address", default="[::]:50051", help="HOST:PORT to listen on (port 0: any free port)")
+    parser.add_argument("--address", default="127.0.0.1:50051",
+                        help="HOST:PORT to listen on (port 0: any free port); default: loopback only, "
+                             "[::]:50051 or 0.0.0.0:50051 for every interface")
     parser.add_argument("--max-concurrency", type=int, help="requests running at once (default: 1, orchestrator 64)")
     parser.add_argument("--max-queue", type=int, help="requests waiting beyond those (default: 4, orchestrator 64)")
     parser.add_argument("--policy", choices=POLICIES, default="batch",
@@ -46,11 +49,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="vae: decodes of up to this many pixels (default 512 x 512) run whole, and share a decode "
                              "with others of their size; larger ones run a layer (or tile) at a time, others taking "
                              "turns between")
+    parser.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="PIXELS",
+                        help="base, refiner, vae: pixels per image one call may ask for, checked before any work "
+                             "(default 2048 x 2048; the vae also bounds an encoded image's side by its square root)")
     parser.add_argument("--threads", type=int,
                         help="torch's CPU threads in this process (default: torch's, every core); `sdxl serve --all` "
                              "splits the cores between its processes")
     parser.add_argument("--grace", type=float, help="seconds running requests get to finish after SIGTERM")
-    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port of --address's host")
     tls = parser.add_argument_group("TLS", "PEM files; without --tls-cert the server listens in plaintext")
     tls.add_argument("--tls-cert", help="this server's certificate chain")
     tls.add_argument("--tls-key", help="this server's private key")
@@ -62,6 +68,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     tls.add_argument("--stage-tls-key", help="orchestrator: the key of --stage-tls-cert")
     tls.add_argument("--stage-tls-server-name",
                      help="orchestrator: the name the stages' certificates carry, if not the target's host name")
+    access = parser.add_argument_group("Access", "without --auth-token-file every call is let through")
+    access.add_argument("--auth-token-file", metavar="PATH",
+                        help="require 'authorization: Bearer TOKEN' on every call but health and reflection, TOKEN "
+                             "being this file's content (whitespace stripped)")
+    access.add_argument("--stage-auth-token-file", metavar="PATH",
+                        help="orchestrator: the token it sends the stages; default: --auth-token-file's")
     for stage in ("text-encoder", "base", "refiner", "vae"):
         parser.add_argument(f"--{stage}", help=f"orchestrator: the {stage} stage, 'h1:p1,h2:p2' or 'dns:///name:port'")
     args = parser.parse_args(argv)
@@ -84,7 +96,8 @@ def server_options(args: argparse.Namespace) -> ServerOptions:
         defaults = importlib.import_module(f"{__package__}.{MODULES[args.stage]}").OPTIONS
     tls = ServerTls(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     given = {"max_concurrency": args.max_concurrency, "max_queue": args.max_queue, "grace_s": args.grace,
-             "metrics_port": args.metrics_port, "tls": tls, "health_port": args.health_port}
+             "metrics_port": args.metrics_port, "tls": tls, "health_port": args.health_port,
+             "auth_token_file": args.auth_token_file}
     fields = {k: v for k, v in given.items() if v is not None}
     return ServerOptions(**{**vars(defaults), **fields})
 
@@ -100,6 +113,12 @@ def stage_tls(args: argparse.Namespace) -> ChannelTls | None:
     if not args.stage_tls_ca:
         return None
     return ChannelTls(args.stage_tls_ca, args.stage_tls_cert, args.stage_tls_key, args.stage_tls_server_name)
+
+
+def stage_token(args: argparse.Namespace) -> str | None:
+    """The token the orchestrator sends its stages, if any: --stage-auth-token-file's, else its own."""
+    path = args.stage_auth_token_file or args.auth_token_file
+    return read_token(path) if path else None
 
 
 def check_models(args: argparse.Namespace) -> None:
@@ -124,10 +143,10 @@ def load(args: argparse.Namespace):
         from .vae import load_servicer
 
         return load_servicer(args.vae_model or args.model or _tiny("base"), **common, tile=args.vae_tile,
-                              whole_pixels=args.vae_whole_pixels)
+                              whole_pixels=args.vae_whole_pixels, max_pixels=args.max_pixels)
     from .denoiser import load_servicer
 
-    return load_servicer(args.model or _tiny(args.stage), **common)
+    return load_servicer(args.model or _tiny(args.stage), **common, max_pixels=args.max_pixels)
 
 
 def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
@@ -142,7 +161,7 @@ def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
         if missing:
             raise SystemExit(f"orchestrator needs {', '.join(m.replace('_', '-') for m in missing)}")
         server = build_orchestrator(args.text_encoder, args.base, args.refiner, args.vae, args.address, options,
-                                    stage_tls=stage_tls(args))
+                                    stage_tls=stage_tls(args), stage_token=stage_token(args))
         return server, lambda: None
     module = importlib.import_module(f"{__package__}.{MODULES[args.stage]}")
     pending = Pending()
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     """Listen (health NOT_SERVING), print the "listening" line, load the weights, SERVING, serve until SIGTERM."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logs.configure()
+    tracing.configure(f"sdxl-{args.stage}")
     allocator.keep_message_buffers()
     if args.threads:
         import torch

@@ -1,5 +1,5 @@
 """The VAE stage: Decode (latents -> watermarked images) and Encode (images -> latents for img2img / inpaint),
-over sdxl_core.stages' decode_stage, encode_image_stage and encode_inpaint_stage.
+over sdxl_core.stages' decode_stage, encode_image_pieces and encode_inpaint_pieces.
 
 An engine (services/engine.py) owns the VAE. Each iteration its worker either decodes the lead Decode call
 together with the others of its latent size, as many images as a measured per-image cost justifies
@@ -25,9 +25,9 @@ from sdxl.v1 import stage_pb2, vae_pb2, vae_pb2_grpc
 from sdxl_core.decoding import Decoding
 from sdxl_core.latents import VAE_SCALE_FACTOR, postprocess, preprocess_image
 from sdxl_core.loading import load_vae
-from sdxl_core.masks import check_mask_matches, preprocess_mask
-from sdxl_core.stages import EncodedImage, encode_image_stage, encode_inpaint_stage
-from sdxl_core.vae import latents_to_images
+from sdxl_core.masks import check_mask_matches, image_size, preprocess_mask
+from sdxl_core.stages import encode_image_pieces, encode_inpaint_pieces
+from sdxl_core.vae import Pieces, latents_to_images
 from sdxl_core.watermark import apply_watermark, watermark_available
 from sdxl_wire.images import ImageAssembler, open_image, to_png
 from sdxl_wire.images import chunk as image_chunks
@@ -57,7 +57,9 @@ MAX_IMAGES = 64  # images (or masks) per call
 # Decodes up to this size run whole, and share a decode with others of their size; larger ones run a piece
 # (a decoder layer, or a tile) at a time, so that small decodes take turns between their pieces.
 WHOLE_DECODE_PIXELS = 512 * 512
-MAX_IMAGE_PIXELS = 4096 * 4096  # per image, checked from the header before decoding: refuses decompression bombs
+MAX_IMAGE_PIXELS = 4096 * 4096  # per input image, checked from the header before decoding: refuses decompression bombs
+MIN_IMAGE_SIDE = VAE_SCALE_FACTOR  # an input image's pixels per side: at least one latent
+MAX_PIXELS = 2048 * 2048  # per image decoded or encoded (--max-pixels): bounds the work of one call
 MAX_ENCODED_BYTES = 64 * 2**20  # per encoded image
 
 
@@ -94,7 +96,8 @@ def read_encode(requests: Iterator[vae_pb2.EncodeRequest]) -> EncodeInputs:
 
 
 def image_inputs(inputs: EncodeInputs, name: str, mode: str):
-    """The images of one field: a list of PIL images, an array (N, H, W[, 3]) in [0, 1], or None if absent."""
+    """The images of one field: a list of PIL images, an array (N, H, W[, 3]) in [0, 1], or None if absent;
+    each image at least MIN_IMAGE_SIDE pixels a side."""
     encoded = inputs.images if name == "image" else inputs.masks
     shape = ("N", None, None, 3) if name == "image" else ("N", None, None)
     tensor = expect(inputs.tensors, name, shape, torch.uint8, required=False)
@@ -104,8 +107,32 @@ def image_inputs(inputs: EncodeInputs, name: str, mode: str):
         if not 1 <= tensor.shape[0] <= MAX_IMAGES or tensor[0].numel() > MAX_IMAGE_PIXELS * 3:
             raise ValueError(f"tensor {name!r} of shape {tuple(tensor.shape)} is over the limits of {MAX_IMAGES} "
                              f"images and {MAX_IMAGE_PIXELS} pixels each")
+        check_min_side(name, *tensor.shape[1:3])
         return tensor.numpy().astype(np.float32) / 255  # as an array in [0, 1] given to the pipeline
-    return [open_image(data, f"{name}[{i}]", mode, MAX_IMAGE_PIXELS) for i, data in enumerate(encoded)] or None
+    images = [open_image(data, f"{name}[{i}]", mode, MAX_IMAGE_PIXELS) for i, data in enumerate(encoded)]
+    for i, image in enumerate(images):
+        check_min_side(f"{name}[{i}]", image.height, image.width)
+    return images or None
+
+
+def check_min_side(name: str, height: int, width: int) -> None:
+    if min(height, width) < MIN_IMAGE_SIDE:
+        raise ValueError(f"`{name}` is {height}x{width} (height x width); images must be at least "
+                         f"{MIN_IMAGE_SIDE} pixels a side")
+
+
+def check_encoded_size(image, header: vae_pb2.EncodeHeader, max_pixels: int) -> None:
+    """The size the images are encoded at (the header's, else the first image's rounded down to a multiple of 8)
+    within max_pixels, and each side within isqrt(max_pixels): the orchestrator's square bound on what it makes."""
+    if header.height:
+        height, width = header.height, header.width
+    else:
+        height, width = (side - side % VAE_SCALE_FACTOR for side in image_size(image))
+    max_side = math.isqrt(max_pixels)
+    if height * width > max_pixels or max(height, width) > max_side:
+        raise ValueError(f"the images would be encoded at {height}x{width} (height x width), over this stage's "
+                         f"limits of {max_pixels} pixels and {max_side} a side (--max-pixels); set `height` and "
+                         f"`width`, or send a smaller image")
 
 
 def check_encode_header(header: vae_pb2.EncodeHeader, with_mask: bool) -> None:
@@ -116,9 +143,6 @@ def check_encode_header(header: vae_pb2.EncodeHeader, with_mask: bool) -> None:
             raise ValueError(f"`{name}` must be 0 (the image's) or a multiple of {VAE_SCALE_FACTOR}, got {value}")
     if (header.height == 0) != (header.width == 0):
         raise ValueError(f"set both `height` and `width` or neither, got {header.height}x{header.width}")
-    if header.height * header.width > MAX_IMAGE_PIXELS:
-        raise ValueError(f"`height` x `width` {header.height}x{header.width} is over the limit of "
-                         f"{MAX_IMAGE_PIXELS} pixels")
     if with_mask and not 1 <= header.batch_size <= MAX_IMAGES:
         raise ValueError(f"`batch_size` must be in [1, {MAX_IMAGES}] with a mask, got {header.batch_size}")
     if not with_mask and (header.masked_image_latents or header.skip_image_latents):
@@ -151,11 +175,13 @@ class DecodeWork:
         return self.latents.shape[0]
 
 
-@dataclass(frozen=True)
+@dataclass
 class EncodeWork:
-    """An Encode call, checked: `run` encodes on its own seeded generator."""
+    """An Encode call, checked: `start` makes its encode (on its own seeded generator) a piece at a time
+    (sdxl_core.stages' *_pieces), so that other calls take turns between its pieces."""
 
-    run: Callable[[], EncodedImage]
+    start: Callable[[], Pieces]
+    pieces: Pieces | None = None  # once its first piece ran
 
 
 class VaeEngine(Engine):
@@ -171,7 +197,13 @@ class VaeEngine(Engine):
         lead = jobs[0]
         if isinstance(lead.work, EncodeWork):
             self._serve([lead])
-            lead.finish(lead.work.run())
+            work = lead.work
+            if work.pieces is None:
+                work.pieces = work.start()
+            try:
+                next(work.pieces)
+            except StopIteration as done:
+                lead.finish(done.value)
             return
         if lead.work.piecewise:
             self._serve([lead])
@@ -244,10 +276,10 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
     """Decode and Encode over one VAE, which the engine's worker alone runs; no per-request state."""
 
     def __init__(self, vae: torch.nn.Module, policy: str = "batch", max_batch_rows: int | None = None,
-                 tile: int | None = None, whole_pixels: int | None = None):
+                 tile: int | None = None, whole_pixels: int | None = None, max_pixels: int = MAX_PIXELS):
         if tile is not None and (tile < 64 or tile % (4 * VAE_SCALE_FACTOR)):
             raise ValueError(f"the VAE tile must be a multiple of {4 * VAE_SCALE_FACTOR} pixels, at least 64; got {tile}")
-        self.vae, self.tile = vae, tile
+        self.vae, self.tile, self.max_pixels = vae, tile, max_pixels
         self.whole_pixels = WHOLE_DECODE_PIXELS if whole_pixels is None else whole_pixels
         self.engine = VaeEngine(vae, policy, RowBudget(max_batch_rows, limit=MAX_IMAGES))
 
@@ -263,9 +295,10 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         latents = expect(tensors, "latents", ("B", 4, None, None), FLOATS)
         metrics.observe_batch("vae", "Decode", latents.shape[0])
         h, w = latents.shape[-2:]
-        if not 1 <= latents.shape[0] <= MAX_IMAGES or h * w * VAE_SCALE_FACTOR**2 > MAX_IMAGE_PIXELS:
-            raise ValueError(f"tensor 'latents' of shape {tuple(latents.shape)} is over the limits of {MAX_IMAGES} "
-                             f"images and {MAX_IMAGE_PIXELS} pixels each")
+        if not (1 <= latents.shape[0] <= MAX_IMAGES and h >= 1 and w >= 1
+                and h * w * VAE_SCALE_FACTOR**2 <= self.max_pixels):
+            raise ValueError(f"tensor 'latents' of shape {tuple(latents.shape)} must hold 1 to {MAX_IMAGES} "
+                             f"images of 1 to {self.max_pixels} pixels each (--max-pixels)")
         watermark = header.watermark if header.HasField("watermark") else True
         if watermark and not watermark_available():
             raise FailedPrecondition("this VAE stage cannot watermark (invisible-watermark is not installed); "
@@ -300,21 +333,22 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
             yield vae_pb2.EncodeResponse(chunks=chunks, draws=draws)
             draws = None  # on the first message only
 
-    def prepare_encode(self, inputs: EncodeInputs) -> Callable[[], EncodedImage]:
-        """Check the inputs; encode_image_stage (no mask) or encode_inpaint_stage on a generator seeded S, to run."""
+    def prepare_encode(self, inputs: EncodeInputs) -> Callable[[], Pieces]:
+        """Check the inputs; encode_image_pieces (no mask) or encode_inpaint_pieces on a generator seeded S, to run."""
         header = inputs.header
         image = image_inputs(inputs, "image", "RGB")
         mask = image_inputs(inputs, "mask_image", "L")
         if image is None:
             raise ValueError("`image` is required: one PNG / JPEG per image, or the tensor 'image'")
         check_encode_header(header, mask is not None)
+        check_encoded_size(image, header, self.max_pixels)
         dtype = wire_float_dtype("dtype", header.dtype)
         seed = header.seed if header.HasField("seed") else secrets.randbits(63)
         generator = torch.Generator("cpu").manual_seed(seed)
         height, width = header.height or None, header.width or None
         pixels = preprocess_image(image, height, width).float()  # (N, 3, H, W) in [-1, 1]
         if mask is None:
-            return partial(encode_image_stage, self.vae, pixels, len(pixels), generator, self.device, dtype)
+            return partial(encode_image_pieces, self.vae, pixels, len(pixels), generator, self.device, dtype)
         check_mask_matches(image, mask)
         masks = preprocess_mask(mask, *pixels.shape[-2:])  # (M, 1, H, W)
         n, m, batch = pixels.shape[0], masks.shape[0], header.batch_size
@@ -323,7 +357,7 @@ class VaeServicer(vae_pb2_grpc.VaeServicer):
         if batch % max(n, m):
             raise ValueError(f"`batch_size` {batch} must be a multiple of the {max(n, m)} images / masks")
         return partial(
-            encode_inpaint_stage, self.vae, pixels, masks, batch, generator, self.device, dtype,
+            encode_inpaint_pieces, self.vae, pixels, masks, batch, generator, self.device, dtype,
             encode_image=not header.skip_image_latents, masked_image_latents=header.masked_image_latents,
             noise_dtype=dtype)
 

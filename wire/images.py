@@ -37,14 +37,18 @@ def from_bytes(data: bytes) -> Image.Image:
 def open_image(data: bytes, name: str, mode: str, max_pixels: int) -> Image.Image:
     """Untrusted PNG or JPEG bytes -> a loaded PIL image in `mode`; corrupt bytes and images over `max_pixels`
     (checked from the header, before the pixels are decoded: decompression bombs) are a ValueError."""
+    unreadable = ValueError(f"`{name}` is not a readable PNG or JPEG image")
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        if image.width * image.height > max_pixels:
-            raise ValueError(f"`{name}` is {image.width}x{image.height} pixels, over the limit of {max_pixels} pixels")
+    except Exception:  # PIL's message may name a heap address or its internals: none of it reaches the client
+        raise unreadable from None
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"`{name}` is {image.width}x{image.height} pixels, over the limit of {max_pixels} pixels")
+    try:
         image.load()
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"`{name}` is not a readable PNG or JPEG image: {exc}") from None
-    return image if image.mode == mode else image.convert(mode)
+        return image if image.mode == mode else image.convert(mode)
+    except Exception:
+        raise unreadable from None
 
 
 def encode(image: ImageLike) -> bytes:

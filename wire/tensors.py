@@ -257,7 +257,8 @@ def expect(
     required: bool = True,
 ) -> torch.Tensor | None:
     """tensors[name], checked: an int in `shape` must match, None matches any size, and a letter ("B") the
-    same size wherever it recurs, across the calls that share `dims`. Absent and not required: None.
+    same size wherever it recurs, across the calls that share `dims`; a float tensor must be finite.
+    Absent and not required: None.
 
         dims = {}
         embeds = expect(tensors, "prompt_embeds", ("B", 77, 2048), FLOATS, dims)
@@ -281,5 +282,7 @@ def expect(
     allowed = (dtype,) if isinstance(dtype, torch.dtype) else dtype
     if allowed is not None and tensor.dtype not in allowed:
         raise ValueError(f"tensor {name!r} is {tensor.dtype}, expected {' or '.join(str(d) for d in allowed)}")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"tensor {name!r} holds NaN or infinite values; send finite numbers")
     dims.update(bound)
     return tensor

@@ -18,9 +18,11 @@ from sdxl_core.schedulers.dpm_solver import dpmpp_2m, dpmpp_2m_karras
 from sdxl_core.schedulers.euler import euler, euler_ancestral
 from sdxl_core.schedulers.heun import heun
 from sdxl_core.schedulers.lms import lms
+from sdxl_core.schedulers.options import check
 from sdxl_core.schedulers.unipc import unipc
 
-__all__ = ["SCHEDULERS", "Index", "Sampler", "Schedule", "make_schedule", "per_sample", "resolve_config"]
+__all__ = ["SCHEDULERS", "Index", "Sampler", "Schedule", "check_options", "make_schedule", "per_sample",
+           "resolve_config"]
 
 SCHEDULERS: dict[str, Sampler] = {
     "euler": euler,  # EulerDiscreteScheduler, SDXL's default
@@ -32,6 +34,15 @@ SCHEDULERS: dict[str, Sampler] = {
     "dpmpp_2m_karras": dpmpp_2m_karras,  # the same with use_karras_sigmas=True
     "unipc": unipc,  # UniPCMultistepScheduler
 }
+
+
+def check_options(name: str, options: dict[str, Any], config: dict[str, Any] | None = None,
+                  num_inference_steps: int | None = None) -> None:
+    """ValueError naming a request's from_config override (key, value, and what is accepted) that scheduler
+    `name` does not take; `config` (the model's, default SDXL 1.0's) completes the ranges that span keys."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    check(SCHEDULERS[name], options, SDXL_SCHEDULER_CONFIG if config is None else config, num_inference_steps)
 
 
 def make_schedule(name: str, num_inference_steps: int, config: dict[str, Any] | None = None, device=None) -> Schedule:

@@ -85,6 +85,9 @@ class DDIM:
         train = config["num_train_timesteps"]
         alphas_cumprod = common.alphas_cumprod(config)
         timesteps = torch.from_numpy(ddim_timesteps(num_inference_steps, config))
+        if int(timesteps.max()) >= train:  # "leading" spacing plus steps_offset can pass the training schedule
+            raise ValueError(f"scheduler {self.name!r}: steps_offset={config['steps_offset']} puts timestep "
+                             f"{int(timesteps.max())} past num_train_timesteps={train}; lower it")
         # DDIM steps to t - train // n whatever the spacing, as diffusers does.
         prev = timesteps - train // num_inference_steps
         final = torch.tensor(1.0) if config["set_alpha_to_one"] else alphas_cumprod[0]

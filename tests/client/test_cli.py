@@ -73,3 +73,18 @@ def test_generate_refuses_a_mask_without_an_image_with_exit_2(fake_orchestrator,
 
 def test_output_paths_number_the_extra_images():
     assert [p.name for p in output_paths("dir/out.png", 3)] == ["out.png", "out-1.png", "out-2.png"]
+
+
+def test_generate_sends_the_token_file_stripped(fake_orchestrator, tmp_path):
+    address, servicer = fake_orchestrator
+    (tmp_path / "token").write_text("s3cret\n")
+    assert main(["generate", "p", "--address", address, "--steps", "1", "--token-file", str(tmp_path / "token"),
+                 "-o", str(tmp_path / "o.png")]) == 0
+    assert servicer.metadata[0]["authorization"] == "Bearer s3cret"
+
+
+def test_generate_refuses_an_empty_token_file_with_exit_2(fake_orchestrator, tmp_path, capsys):
+    address, servicer = fake_orchestrator
+    (tmp_path / "token").write_text(" \n")
+    assert main(["generate", "p", "--address", address, "--token-file", str(tmp_path / "token")]) == 2
+    assert "is empty" in capsys.readouterr().err and servicer.requests == []

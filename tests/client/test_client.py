@@ -120,3 +120,16 @@ def test_a_stream_without_a_result_is_a_protocol_error(fake_orchestrator):
     servicer.send_result = False
     with SDXLClient(address) as client, pytest.raises(ProtocolError, match="without a GenerateResult"):
         client.generate("p", num_inference_steps=1)
+
+
+def test_token_is_sent_as_a_bearer_authorization(fake_orchestrator):
+    address, servicer = fake_orchestrator
+    with SDXLClient(address, token="s3cret") as client:
+        client.generate("p", num_inference_steps=1)
+
+    async def main():
+        async with AsyncSDXLClient(address, token="s3cret") as client:
+            await client.generate("p", num_inference_steps=1)
+
+    asyncio.run(main())
+    assert [m["authorization"] for m in servicer.metadata] == ["Bearer s3cret"] * 2

@@ -64,3 +64,21 @@ def test_tiled_images_stay_close_to_the_whole_decode(tile, bound):
     tiled = Decoding(ours, latents, tile=tile).run()
     assert tiled.shape == whole.shape
     assert (tiled - whole).abs().mean() < bound
+
+
+def test_an_encode_in_pieces_yields_between_them_and_equals_the_whole_encode():
+    from sdxl_core.vae import images_to_latents, images_to_latents_pieces
+
+    ours, _ = _pair()
+    images = torch.rand(1, 3, 48, 64) * 2 - 1
+    pieces = images_to_latents_pieces(ours, images, torch.Generator().manual_seed(4))
+    yielded = 0
+    while True:
+        try:
+            next(pieces)
+            yielded += 1
+        except StopIteration as done:
+            latents = done.value
+            break
+    assert yielded == len(ours.encode_steps()) > 4
+    assert torch.equal(latents, images_to_latents(ours, images, torch.Generator().manual_seed(4)))

@@ -7,9 +7,11 @@ Each diffusers scheduler is built as a user switching the SDXL pipeline's schedu
 import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sdxl_core.configs import SDXL_SCHEDULER_CONFIG
-from sdxl_core.schedulers import SCHEDULERS, make_schedule
+from sdxl_core.schedulers import SCHEDULERS, check_options, make_schedule
 from sdxl_core.schedulers.ddim import DEFAULTS as DDIM_DEFAULTS
 from sdxl_core.schedulers.dpm_solver import DEFAULTS as DPM_DEFAULTS
 from sdxl_core.schedulers.unipc import DEFAULTS as UNIPC_DEFAULTS
@@ -187,3 +189,57 @@ def test_defaults_are_the_diffusers_constructors():
 def test_refuses_options_it_does_not_reproduce(name, changes, match):
     with pytest.raises(ValueError, match=match):
         make_schedule(name, 10, {**SDXL_SCHEDULER_CONFIG, **changes})
+
+
+# --- request options: check_options
+
+
+@pytest.mark.parametrize("name, options, named", [
+    ("euler", {"num_train_timesteps": 0}, "num_train_timesteps"),
+    ("euler", {"num_train_timesteps": 10**9}, "num_train_timesteps"),
+    ("euler", {"beta_start": -0.1}, "beta_start"),
+    ("euler", {"beta_start": 0.5}, "beta_start"),  # above SDXL's beta_end
+    ("ddim", {"steps_offset": 10**12}, "steps_offset"),
+    ("ddim", {"steps_offset": 1000}, "steps_offset"),  # past num_train_timesteps
+    ("euler", {"use_karras_sigmas": 1}, "use_karras_sigmas"),
+    ("euler", {"timestep_spacing": "karras"}, "timestep_spacing"),
+    ("euler", {"eta": 0.5}, "eta"),  # DDIM's, not Euler's
+    ("ddim", {"warp": 1}, "warp"),
+])
+def test_check_options_names_the_key_and_value(name, options, named):
+    (key, value), = options.items()
+    with pytest.raises(ValueError, match=named) as error:
+        check_options(name, options)
+    assert repr(value) in str(error.value)
+
+
+def test_an_unknown_option_lists_the_accepted_ones():
+    with pytest.raises(ValueError) as error:
+        check_options("lms", {"bogus": True})
+    assert all(key in str(error.value) for key in SCHEDULERS["lms"].defaults)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_each_samplers_defaults_pass_check_options(name):
+    check_options(name, {k: v for k, v in SCHEDULERS[name].defaults.items()
+                         if k not in ("use_karras_sigmas", "trained_betas") or v is not None}, {}, 10)
+
+
+ODD = st.one_of(st.none(), st.booleans(), st.sampled_from([-1, 0, 1, 2, 999, 1000, 10_000, 10**9, 0.5, 1e-4, 1.5]),
+                st.sampled_from(["linear", "leading", "trailing", "v_prediction", "sigma_min", "x"]),
+                st.lists(st.sampled_from([0.5, 1e-3, 2]), max_size=3))
+
+
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
+@given(name=st.sampled_from(sorted(SCHEDULERS)), data=st.data(), steps=st.sampled_from([1, 2, 5, 50, 1000]))
+def test_options_that_pass_check_options_build_a_schedule_or_a_value_error(name, data, steps):
+    keys = st.sampled_from(sorted(SCHEDULERS[name].defaults))
+    options = data.draw(st.dictionaries(keys, ODD, max_size=3))
+    try:
+        check_options(name, options, SDXL_SCHEDULER_CONFIG, steps)
+        schedule = make_schedule(name, steps, {**SDXL_SCHEDULER_CONFIG, **options})
+    except ValueError:
+        return
+    x = torch.ones(1, 4, 2, 2)
+    x = schedule.sampler.step(schedule, 0, schedule.sampler.scale_model_input(schedule, x, 0), x, {})
+    assert x.shape == (1, 4, 2, 2)

@@ -9,6 +9,7 @@ base images, apt-get and the torch index (no engine, no network).
 from __future__ import annotations
 
 import fnmatch
+import json
 import shlex
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from importlib.metadata import metadata
 from pathlib import Path
 
 import pytest
+
+from sdxl_services.stage import parse_args
 
 from .k8s import ROOT
 
@@ -77,7 +80,11 @@ def test_every_ignored_lint_rule_says_why():
 
 def test_dockerfile_matches_the_cli():
     dockerfile = DOCKERFILE.read_text()
-    assert 'ENTRYPOINT ["python", "-m", "sdxl_services"]' in dockerfile
+    (entrypoint,) = [json.loads(rest) for word, rest in instructions() if word == "ENTRYPOINT"]
+    assert entrypoint[:3] == ["python", "-m", "sdxl_services"]
+    # Every interface in the container (the stages' default is loopback), and the args may still say otherwise.
+    assert parse_args([*entrypoint[3:], "base"]).address == "[::]:50051"
+    assert parse_args([*entrypoint[3:], "base", "--address=0.0.0.0:9"]).address == "0.0.0.0:9"
     assert "USER 10001" in dockerfile
     for sources, dest in copies():
         for src in sources:
@@ -86,7 +93,7 @@ def test_dockerfile_matches_the_cli():
     for needed in ("pyproject.toml", "setup.py", "protos", "sdxl_core", "services", "client"):
         assert needed not in ignored, f".dockerignore drops {needed}, which the image build needs"
     # CMD ["--help"]: what `docker run IMAGE` with no arguments runs
-    proc = subprocess.run([sys.executable, "-m", "sdxl_services", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, *entrypoint[1:], "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "orchestrator" in proc.stdout, proc.stderr
 
 

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def cluster(tiny_model_dir):
     options = ServeOptions(
         base_model=str(tiny_model_dir / "base"), refiner_model=str(tiny_model_dir / "refiner"),
-        host="127.0.0.1", port=0, start_timeout_s=180, grace_s=10,
+        host="127.0.0.1", port=0, start_timeout_s=180, grace_s=30,  # a loaded CI machine exits slowly
         device="cpu",  # the in-process side computes on the CPU in float32; a GPU host would default to fp16
     )
     # The children inherit the environment: one torch thread each, and the same model folder as a default.

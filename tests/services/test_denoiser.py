@@ -215,6 +215,12 @@ def test_inpaint_with_a_9_channel_unet_equals_the_pipeline(servers, pipes, image
 # --- bad requests
 
 
+def struct(**fields) -> struct_pb2.Struct:
+    options = struct_pb2.Struct()
+    options.update(fields)
+    return options
+
+
 def _valid():
     return dict(scheduler="euler", num_inference_steps=2, guidance_scale=5.0, seed=1, height=64, width=64)
 
@@ -231,7 +237,22 @@ BAD = {
     "start_after_end": ({"denoising_start": 0.8, "denoising_end": 0.5}, {}, "denoising_start"),
     "unknown_scheduler": ({"scheduler": "karras_magic"}, {}, "scheduler"),
     "size_not_multiple_of_8": ({"height": 60}, {}, "height"),
+    "over_max_pixels_without_latents": ({"height": 8192, "width": 8192}, {}, "--max-pixels"),
+    "over_max_pixels_with_latents": ({}, {"latents": torch.zeros(1, 4, 520, 520)}, "--max-pixels"),
+    "nan_latents": ({}, {"latents": torch.full((1, 4, 8, 8), math.nan)}, "latents"),
+    "inf_prompt_embeds": ({}, {"prompt_embeds": torch.full((1, 77, 80), math.inf)}, "prompt_embeds"),
+    "nan_image_latents": ({"strength": 0.5}, {"image_latents": torch.full((1, 4, 8, 8), math.nan)}, "image_latents"),
+    "empty_image_latents": ({"strength": 0.5}, {"image_latents": torch.zeros(0, 4, 8, 8)}, "image_latents"),
+    "no_train_timesteps": ({"scheduler_options": struct(num_train_timesteps=0)}, {}, "num_train_timesteps"),
+    "a_billion_train_timesteps": ({"scheduler_options": struct(num_train_timesteps=1e9)}, {}, "num_train_timesteps"),
+    "negative_beta_start": ({"scheduler_options": struct(beta_start=-0.1)}, {}, "beta_start"),
+    "huge_steps_offset": ({"scheduler": "ddim", "scheduler_options": struct(steps_offset=1e12)}, {}, "steps_offset"),
+    "unknown_option": ({"scheduler_options": struct(warp=1)}, {}, "timestep_spacing"),  # the accepted ones
+    "infinite_option": ({"scheduler_options": struct(beta_end=math.inf)}, {}, "finite"),
+    "no_step_in_range": ({"scheduler": "dpmpp_2m", "num_inference_steps": 1, "denoising_start": 0.8},
+                         {"image_latents": torch.zeros(1, 4, 8, 8)}, "num_inference_steps"),
 }
+
 
 
 @pytest.mark.parametrize("fields,tensors,field", BAD.values(), ids=BAD.keys())
@@ -247,6 +268,25 @@ def test_bad_requests_are_invalid_argument_naming_the_field_and_the_next_one_run
     assert field in error.value.details()
     latents, _ = denoise(servers["base"], denoiser_pb2.DenoiseHeader(**_valid()), good)
     assert latents.shape == (1, 4, 8, 8)
+
+
+def test_an_empty_batch_is_invalid_argument(servers, pipes):
+    empty = {name: t[:0] for name, t in embeddings(pipes["base"]).items()}
+    with pytest.raises(grpc.RpcError) as error:
+        denoise(servers["base"], denoiser_pb2.DenoiseHeader(**_valid()), empty)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch" in error.value.details()
+
+
+def test_max_pixels_bounds_the_image_with_or_without_latents(pipes, base_servicer):
+    small = denoiser.DenoiserServicer(base_servicer.unet, base_servicer.scheduler_config, max_pixels=64 * 64)
+    tensors = {name: t for name, t in embeddings(pipes["base"]).items()}
+    header = denoiser_pb2.DenoiseHeader(**(_valid() | {"height": 64, "width": 72}))
+    with pytest.raises(ValueError, match="--max-pixels"):
+        small.prepare(header, tensors)
+    with pytest.raises(ValueError, match="--max-pixels"):
+        small.prepare(denoiser_pb2.DenoiseHeader(**_valid()), tensors | {"latents": torch.zeros(1, 4, 8, 9)})
+    assert small.prepare(denoiser_pb2.DenoiseHeader(**_valid()), tensors).latent_size == (8, 8)
 
 
 # --- cancellation

@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 import time
@@ -104,3 +105,39 @@ def test_the_vae_flags_reach_the_vae_process_alone_and_only_when_given(monkeypat
                for p in defaults.processes(gpus=0, cores=4))
     with pytest.raises(ValueError, match="--vae-tile must be >= 1"):
         launch.ServeOptions(vae_tile=0)
+
+
+class _DyingCluster:
+    """A Cluster whose one process exits at once, every time it is started."""
+
+    options = launch.ServeOptions(start_timeout_s=5)
+
+    def __init__(self):
+        self.children, self.starts = [self._start()], 1
+
+    @staticmethod
+    def _start() -> launch.Child:
+        process = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"], stdout=subprocess.PIPE, text=True)
+        return launch.Child("base-1", "127.0.0.1:1", process, stage="base", args=("--device", "cpu"))
+
+    def respawn(self, child):
+        assert (child.stage, child.args, child.address) == ("base", ("--device", "cpu"), "127.0.0.1:1")
+        self.children[0], self.starts = self._start(), self.starts + 1
+        return self.children[0]
+
+
+def test_a_dead_process_is_restarted_with_backoff_until_it_dies_too_often():
+    import io
+    import threading
+
+    cluster, log = _DyingCluster(), io.StringIO()
+    policy = launch.Supervision(backoff_s=0.1, max_backoff_s=0.2, max_deaths=4, window_s=60)
+    supervisor = launch.Supervisor(cluster, policy, threading.Event(), log)
+    started, gave_up = time.monotonic(), None
+    while gave_up is None and time.monotonic() - started < 20:
+        gave_up = supervisor.check()
+        time.sleep(0.02)
+    assert gave_up is cluster.children[0] and cluster.starts == 4
+    assert time.monotonic() - started >= 0.1 + 0.2 + 0.2  # the backoff doubles up to its cap
+    assert [float(s) for s in re.findall(r"restarting it in ([\d.]+) s", log.getvalue())] == [0.1, 0.2, 0.2]
+    assert log.getvalue().count("restarting base-1 on 127.0.0.1:1") == 3

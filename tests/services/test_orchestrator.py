@@ -197,6 +197,25 @@ def test_oversized_images_are_refused(stub):
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in error.value.details()
 
 
+def test_an_img2img_image_past_the_size_limit_is_refused_by_the_vae_stage(stub):
+    image = Image.new("RGB", (64, 2112))
+    with pytest.raises(grpc.RpcError) as error:
+        _generate(stub, _params(mode=orchestrator_pb2.MODE_IMG2IMG, height=0, width=0), image=image)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "2112x64" in error.value.details()
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"num_train_timesteps": 0}, "num_train_timesteps"), ({"beta_start": -1}, "beta_start"),
+    ({"warp": True}, "warp"), ({"use_karras_sigmas": "yes"}, "use_karras_sigmas"),
+])
+def test_bad_scheduler_options_are_invalid_argument_naming_the_key(stub, options, named):
+    params = _params()
+    params.scheduler_options.update(options)
+    with pytest.raises(grpc.RpcError) as error:
+        _generate(stub, params)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and f"'{named}'" in error.value.details()
+
+
 def test_refiner_without_a_refiner_stage_is_failed_precondition(stages):
     server = orchestrator.build(stages["text_encoder"], stages["base"], None, stages["vae"])
     stub = orchestrator_pb2_grpc.OrchestratorStub(grpc.insecure_channel(f"localhost:{server.port}"))
@@ -331,3 +350,50 @@ def test_a_priority_outside_the_enum_is_invalid_argument_and_a_valid_one_serves(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in error.value.details()
     _, images, _ = _generate(stub, _params(priority=stage_pb2.PRIORITY_INTERACTIVE))
     assert images
+
+
+_BLOCKING_VAE = """
+import sys, time, grpc
+from concurrent import futures
+def decode(requests, context):
+    for _ in requests:
+        pass
+    time.sleep(60)
+    yield b""
+handler = grpc.method_handlers_generic_handler("sdxl.v1.Vae", {"Decode": grpc.stream_stream_rpc_method_handler(decode)})
+server = grpc.server(futures.ThreadPoolExecutor(4))
+server.add_generic_rpc_handlers((handler,))
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+time.sleep(120)
+"""
+
+
+def test_a_stream_whose_stage_is_killed_fails_unavailable_at_once():
+    # grpcio 1.85 blocks a stream with a retryPolicy past its deadline when the peer dies before answering
+    # (round_robin or pick_first); stage_channel's streams have none, and fail as soon as the socket closes.
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    config = channels.SERVICE_CONFIG
+    streaming = {"sdxl.v1.TextEncoder", "sdxl.v1.Denoiser", "sdxl.v1.Vae"}
+    assert not any(streaming & {n["service"] for n in m["name"]} for m in config["methodConfig"] if "retryPolicy" in m)
+    stage = subprocess.Popen([sys.executable, "-c", _BLOCKING_VAE], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(stage.stdout.readline())
+        channel = channels.stage_channel(f"127.0.0.1:{port},127.0.0.1:{port}", 1 << 20)
+        grpc.channel_ready_future(channel).result(timeout=10)
+        call = channel.stream_stream("/sdxl.v1.Vae/Decode")(iter([b""]), timeout=20)
+        time.sleep(0.5)  # the request is in, the stage is "decoding"
+        os.kill(stage.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with pytest.raises(grpc.RpcError) as failed:
+            list(call)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - killed < 2.0
+        channel.close()
+    finally:
+        stage.kill()
+        stage.wait()

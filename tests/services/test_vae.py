@@ -113,6 +113,9 @@ BAD = {
     "no_batch_size_with_a_mask": (dict(images=[IMAGE], masks=[MASK]), "batch_size"),
     "height_not_multiple_of_8": (dict(images=[IMAGE], height=60, width=64), "height"),
     "no_image": (dict(images=[]), "image"),
+    "one_pixel_image": (dict(images=[png(PIL.Image.new("RGB", (1, 1)))]), "image[0]"),
+    "image_past_the_side_limit": (dict(images=[png(PIL.Image.new("RGB", (64, 2112)))]), "2112x64"),
+    "size_past_max_pixels": (dict(images=[IMAGE], height=4096, width=2048), "--max-pixels"),
 }
 
 
@@ -127,10 +130,18 @@ def test_bad_encode_requests_are_invalid_argument_naming_the_field_and_the_next_
         1, 1, 8, 8)
 
 
-@pytest.mark.parametrize("latents", [torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 8, 8, dtype=torch.int32)],
-                         ids=["channels", "dtype"])
+@pytest.mark.parametrize("latents", [torch.zeros(1, 3, 8, 8), torch.zeros(1, 4, 8, 8, dtype=torch.int32),
+                                     torch.full((1, 4, 8, 8), float("nan")), torch.zeros(1, 4, 0, 8),
+                                     torch.zeros(1, 4, 264, 256)],
+                         ids=["channels", "dtype", "nan", "empty", "over_max_pixels"])
 def test_bad_latents_are_invalid_argument(server, latents):
     with pytest.raises(grpc.RpcError) as error:
         decode(server, latents, watermark=False)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "latents" in error.value.details()
+
+
+def test_a_corrupt_image_is_refused_without_pils_message(server):
+    with pytest.raises(grpc.RpcError) as error:
+        encode(server, [IMAGE[:60]])
+    assert error.value.details() == "`image[0]` is not a readable PNG or JPEG image"

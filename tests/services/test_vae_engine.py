@@ -131,7 +131,7 @@ def test_concurrent_decodes_of_one_size_share_a_decode_on_the_worker_and_waterma
         return encoded(stub, IMAGE, 7, timeout) if call is None else decoded(stub, call[0], timeout, **call[1])
 
     solo = {name: run(call) for name, call in calls.items()}
-    decode, encode = Gate(servicer.vae, "decode", monkeypatch), Gate(servicer.vae, "encode", monkeypatch, True)
+    decode, encode = Gate(servicer.vae, "decode", monkeypatch), Gate(servicer.vae.quant_conv, "forward", monkeypatch, True)  # encode's last piece
     watermark, png = Threads("apply_watermark", monkeypatch), Threads("to_png", monkeypatch)
     jobs = recording(monkeypatch, servicer.engine)
     with ThreadPoolExecutor(len(calls)) as pool:
@@ -272,3 +272,27 @@ def test_a_tiled_stage_decodes_tile_by_tile_as_the_core_does(tiny_model_dir):
         server.stop(0)
     with pytest.raises(ValueError, match="tile"):
         vae.VaeServicer(tiled.vae, tile=60)
+
+
+def test_a_small_decode_runs_between_the_pieces_of_an_encode(servicer, stub, monkeypatch):
+    order, first_piece, release = [], threading.Event(), threading.Event()
+    conv_in, whole = servicer.vae.encoder.conv_in.forward, vae.latents_to_images
+
+    def held_conv_in(x):
+        order.append("encode")
+        first_piece.set()
+        assert release.wait(WAIT_S)
+        return conv_in(x)  # the first piece of the encode
+
+    monkeypatch.setattr(servicer.vae.encoder.conv_in, "forward", held_conv_in)
+    monkeypatch.setattr(vae, "latents_to_images", lambda *a: order.append("decode") or whole(*a))
+    with ThreadPoolExecutor(2) as pool:
+        got_encode = pool.submit(encoded, stub, IMAGE, 3, later(0))
+        assert first_piece.wait(WAIT_S)
+        got_decode = pool.submit(decoded, stub, latents(1, 8, 12), later(1), **RAW)
+        wait_for(lambda: servicer.engine.held() == 2)
+        release.set()
+        got_encode.result(), got_decode.result()
+    assert order == ["encode", "decode"]  # the decode ran between the encoder's first piece and the rest
+    monkeypatch.undo()
+    assert all(torch.equal(a, b) for a, b in zip(got_encode.result().values(), encoded(stub, IMAGE, 3).values()))
