@@ -35,7 +35,9 @@ class ServerOptions:
     """How a stage server listens, bounds its work and shuts down."""
 
     max_message_bytes: int = MAX_MESSAGE_BYTES
-    max_concurrency: int = 1  # one model on one device: requests take turns unless a stage batches them
+    # Requests a server holds at once, and how many more wait; each stage module sets its own (OPTIONS: its engine
+    # holds many, and a held request costs only its inputs).
+    max_concurrency: int = 1
     max_queue: int = 4
     grace_s: float = 25.0  # under Kubernetes' default 30 s terminationGracePeriodSeconds, so we exit before SIGKILL
     keepalive_time_s: float = 30.0  # ping idle clients so half-open connections are found and closed
