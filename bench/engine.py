@@ -48,7 +48,8 @@ from sdxl_core.configs import SDXL_BASE_UNET, SDXL_SCHEDULER_CONFIG, TINY_BASE_U
 from sdxl_core.loading.components import empty_unet
 from sdxl_core.loading.strict import TensorSpec, load_strict
 from sdxl_core.tiny import ensure_tiny_model
-from sdxl_services.denoise_engine import MIN_ROWS, calibrate
+from sdxl_services.budget import calibrate
+from sdxl_services.denoise_engine import MIN_ROWS
 from sdxl_services.denoiser import DenoiserServicer, make_server
 from sdxl_services.launch import Cluster, ServeOptions, StageProcess, free_port
 from sdxl_wire.tensors import to_proto_chunks

@@ -7,7 +7,6 @@ for an inpainting UNet, mask and masked image; each job's sampler then steps its
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ import torch
 from sdxl_core.denoise import Denoising, OnStep, UNetInputs
 
 from . import metrics, tracing
+from .budget import RowBudget, calibrate, repeated, timed
 from .engine import Engine, Job
 
 MIN_ROWS = 2  # one image with guidance: never split
-MAX_ROWS = 64
 
 
 @dataclass
@@ -31,42 +30,6 @@ class DenoiseWork:
     key: tuple[int, ...]  # (h, w, context length): only jobs of one key share a forward
     rows: int
     run: Denoising | None = None
-
-
-def calibrate(forward: Callable[[int], float], first: int, limit: int = MAX_ROWS, margin: float = 0.95,
-              repeats: int = 2) -> tuple[int, dict[int, float]]:
-    """The rows per forward with the least time per row, and the curve measured: `forward(rows)` returns seconds
-    (infinity where the rows do not fit in memory). Doubles from `first` while twice the rows cost under `margin`
-    of the time per row; never past `limit`."""
-    forward(first)  # warm-up: allocator, kernels' first choice
-    costs: dict[int, float] = {}
-    rows = first
-    while rows <= max(limit, first):
-        costs[rows] = min(forward(rows) for _ in range(repeats)) / rows
-        if len(costs) > 1 and not costs[rows] <= costs[rows // 2] * margin:
-            break
-        rows *= 2
-    return min(costs, key=costs.get), costs
-
-
-class RowBudget:
-    """Rows one UNet forward may hold, per key (latent size, context length): `--max-batch-rows`, or measured on
-    this device the first time jobs of a key could share a forward (calibrate), so that the engine never
-    batches where a row costs more than alone."""
-
-    def __init__(self, fixed: int | None = None, limit: int = MAX_ROWS):
-        if fixed is not None and fixed < 1:
-            raise ValueError(f"max_batch_rows must be >= 1, got {fixed}")
-        self.fixed, self.limit = fixed, limit
-        self.curves: dict[tuple, dict[int, float]] = {}
-        self._rows: dict[tuple, int] = {}
-
-    def rows(self, key: tuple, measure: Callable[[], tuple[int, dict[int, float]]]) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        if key not in self._rows:
-            self._rows[key], self.curves[key] = measure()
-        return self._rows[key]
 
 
 class DenoiseEngine(Engine):
@@ -106,11 +69,9 @@ class DenoiseEngine(Engine):
         metrics.observe_forward(self.stage, rows)
 
     def _begin(self, job: Job) -> bool:
-        """Mark the job served this iteration, starting its run first if new; False if it could not start."""
-        job.served = self.iteration
+        """Serve the job this iteration, starting its run first if new; False if it could not start."""
+        self.serve(job)
         if job.work.run is None:
-            job.started = time.monotonic()
-            metrics.observe_queue_wait(self.stage, job.started - job.submitted)
             try:
                 job.work.run = job.work.start(lambda i, total, latents: job.progress((i + 1, total, latents)))
             except Exception as exc:  # noqa: BLE001 -- this job's inputs: it fails alone
@@ -123,20 +84,10 @@ class DenoiseEngine(Engine):
         if not self._begin(lead):
             return MIN_ROWS, {}
         one = lead.work.run.unet_inputs()
-        cuda = one.sample.device.type == "cuda"
 
         def forward(rows: int) -> float:
-            repeat = -(-rows // one.rows)
-            inputs = UNetInputs(*(t.repeat(repeat, *[1] * (t.ndim - 1))[:rows] for t in one))
-            began = time.perf_counter()
-            try:
-                self.unet(*inputs)
-                if cuda:
-                    torch.cuda.synchronize(one.sample.device)
-            except torch.cuda.OutOfMemoryError:  # more rows than the device holds: past the budget
-                torch.cuda.empty_cache()
-                return math.inf
-            return time.perf_counter() - began
+            inputs = UNetInputs(*(repeated(t, rows) for t in one))
+            return timed(lambda: self.unet(*inputs), one.sample.device)
 
         rows, curve = calibrate(forward, max(MIN_ROWS, one.rows), self.budget.limit)
         self.log.info("row budget of %s at latents %sx%s, context %s: %d rows; seconds per row %s", self.stage,

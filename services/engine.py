@@ -145,9 +145,16 @@ class Engine:
             self._cond.notify()
         self._thread.join()
 
+    def serve(self, job: Job) -> None:
+        """Mark `job` advanced this iteration; the first time, record how long it waited for its first turn."""
+        job.served = self.iteration
+        if job.started is None:
+            job.started = time.monotonic()
+            metrics.observe_queue_wait(self.stage, job.started - job.submitted)
+
     def iterate(self, jobs: list[Job]) -> None:
-        """Advance some of `jobs` (in the policy's order, never empty) by one unit of work: set their `served`
-        to self.iteration and their `started` if unset, `finish` those that are done."""
+        """Advance some of `jobs` (in the policy's order, never empty) by one unit of work: `serve` each one it
+        works on, `finish` those that are done."""
         raise NotImplementedError
 
     def _loop(self) -> None:

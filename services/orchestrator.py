@@ -173,7 +173,7 @@ class Run:
         otherwise its error passes through with its code and the stage named."""
         attempt = 0
         while True:
-            with tracing.client_span(name, tracing.method_name(method)):
+            with tracing.client_span(name, method):
                 call = self.calls.track(method(requests(), **call_options(self.context)))
                 try:
                     return list(call)

@@ -7,7 +7,6 @@ splits the embeddings back per call. Prompts pad to 77 tokens, so rows do not se
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,10 +165,8 @@ class TextEncoderEngine(Engine):
             if job.work.key == lead.key and (not batch or rows + job.work.rows <= self.max_rows):
                 batch.append(job)
                 rows += job.work.rows
-        now = time.monotonic()
         for job in batch:
-            job.served, job.started = self.iteration, now
-            metrics.observe_queue_wait(self.stage, now - job.submitted)
+            self.serve(job)
         tensors = [{} for _ in batch]
         for target in lead.targets:
             for out, embeddings in zip(tensors, self.encoders[target].encode([job.work for job in batch])):

@@ -96,20 +96,10 @@ def outgoing() -> tuple[tuple[str, str], ...]:
     return tuple(carrier.items())
 
 
-def stage_call(stage: str, method: Callable | str, responses: Iterator) -> Iterator:
-    """`responses` (a stage call's generator, not yet started) inside a client span "stage STAGE METHOD".
-
-    An iterator, not a `with` block: a span made current inside a generator would stay current in its caller
-    between responses. Here the generator runs in a context of its own, where the span is current, so the
-    metadata it builds (outgoing()) carries the span to the stage and the caller never sees it."""
-    if _tracer is None:
-        return responses
-    name = method if isinstance(method, str) else method_name(method)
-    return _in_own_context(_client(stage, name, responses))
-
-
-def client_span(stage: str, method: str) -> AbstractContextManager:
-    """The client span "stage STAGE METHOD", current for a block that makes one stage call and reads all of it."""
+def client_span(stage: str, method: Callable | str) -> AbstractContextManager:
+    """The client span "stage STAGE METHOD", current for a block that makes one stage call and reads all of it;
+    `method` a stub's method or its name."""
+    method = method if isinstance(method, str) else method_name(method)
     return span(f"stage {stage} {method}", kind=trace.SpanKind.CLIENT, **{"sdxl.stage": stage, "rpc.method": method})
 
 
@@ -139,11 +129,6 @@ class LongCall:
     def end(self) -> None:
         if self._span is not None:
             self._span.end()
-
-
-def _client(stage: str, method: str, responses: Iterator) -> Iterator:
-    with span(f"stage {stage} {method}", kind=trace.SpanKind.CLIENT, **{"sdxl.stage": stage, "rpc.method": method}):
-        yield from responses
 
 
 def method_name(multicallable) -> str:

@@ -3,7 +3,8 @@ over sdxl_core.stages' decode_stage, encode_image_pieces and encode_inpaint_piec
 
 An engine (services/engine.py) owns the VAE. Each iteration its worker either decodes the lead Decode call
 together with the others of its latent size, as many images as a measured per-image cost justifies
-(services/denoise_engine.py's RowBudget), or runs one Encode call: that one draws from its own seeded generator.
+(services/budget.py), or runs a piece of a large decode or of an Encode call (which draws from its own seeded
+generator).
 The worker hands back decoded pixels; the call's own thread watermarks them and makes the PNGs, as decode_stage
 would after its VAE decode, so the model never waits on CPU work.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -44,7 +44,7 @@ from sdxl_wire.tensors import (
 )
 
 from . import calls, metrics
-from .denoise_engine import RowBudget, calibrate
+from .budget import RowBudget, calibrate, repeated, timed
 from .engine import Engine, Job, priority
 from .errors import FailedPrecondition
 from .server import Server, ServerOptions
@@ -196,7 +196,7 @@ class VaeEngine(Engine):
     def iterate(self, jobs: list[Job]) -> None:
         lead = jobs[0]
         if isinstance(lead.work, EncodeWork):
-            self._serve([lead])
+            self.serve(lead)
             work = lead.work
             if work.pieces is None:
                 work.pieces = work.start()
@@ -206,7 +206,7 @@ class VaeEngine(Engine):
                 lead.finish(done.value)
             return
         if lead.work.piecewise:
-            self._serve([lead])
+            self.serve(lead)
             work = lead.work
             if work.decoding is None:
                 work.decoding = Decoding(self.vae, work.latents, work.tile)
@@ -225,34 +225,18 @@ class VaeEngine(Engine):
             if not batch or rows + job.work.rows <= budget:
                 batch.append(job)
                 rows += job.work.rows
-        self._serve(batch)
+        for job in batch:
+            self.serve(job)
         images = latents_to_images(self.vae, torch.cat([job.work.latents for job in batch]))
         metrics.observe_forward(self.stage, rows)
         for job, pixels in zip(batch, images.split([job.work.rows for job in batch])):
             job.finish(pixels)
 
-    def _serve(self, batch: list[Job]) -> None:
-        now = time.monotonic()
-        for job in batch:
-            job.served = self.iteration
-            if job.started is None:
-                job.started = now
-                metrics.observe_queue_wait(self.stage, now - job.submitted)
-
     def _calibrate(self, latents: torch.Tensor) -> tuple[int, dict[int, float]]:
         """The per-image cost curve of this VAE's decode at the size of `latents`."""
-        cuda = latents.device.type == "cuda"
-
         def decode(rows: int) -> float:
-            batch = latents.repeat(-(-rows // len(latents)), 1, 1, 1)[:rows]
-            began = time.perf_counter()
-            try:
-                latents_to_images(self.vae, batch)
-                if cuda:
-                    torch.cuda.synchronize(latents.device)
-            except torch.cuda.OutOfMemoryError:  # a full-size decode holds GiBs per image: the curve ends here
-                return math.inf
-            return time.perf_counter() - began
+            batch = repeated(latents, rows)
+            return timed(lambda: latents_to_images(self.vae, batch), latents.device)
 
         rows, curve = calibrate(decode, len(latents), self.budget.limit)
         self.log.info("row budget of the vae at latents %sx%s %s: %d images; seconds per image %s",

@@ -11,7 +11,7 @@ import torch
 from sdxl.v1 import denoiser_pb2, stage_pb2
 from sdxl_core.pipelines import SDXLPipeline
 from sdxl_services import denoiser
-from sdxl_services.denoise_engine import RowBudget, calibrate
+from sdxl_services.budget import RowBudget, calibrate
 from tests.services.test_denoiser import PROMPT, SEED, denoise, embeddings
 
 WAIT_S = 60

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from sdxl_services import calls, denoiser, orchestrator, text_encoder, tracing, vae
+from sdxl_services import denoiser, orchestrator, text_encoder, tracing, vae
 from sdxl_services.admission import Admission
 from sdxl_services.interceptors import StageInterceptor
 from sdxl_wire import MAX_MESSAGE_BYTES, REQUEST_ID_KEY
@@ -80,23 +80,6 @@ def traced_stack(tiny_model_dir):
         servicer.close()
 
 
-@pytest.fixture
-def wired(monkeypatch):
-    """The orchestrator's stage calls in client spans, their metadata carrying the trace context (as the
-    orchestrator and calls.outgoing_metadata are to be wired; kept as they are where they already are)."""
-    outgoing_metadata, stage_call = calls.outgoing_metadata, orchestrator.Run.stage_call
-
-    def with_trace(*extra):
-        metadata = outgoing_metadata(*extra)
-        return metadata if any(k == "traceparent" for k, _ in metadata) else metadata + tracing.outgoing()
-
-    def traced_call(self, name, method, request):
-        return tracing.stage_call(name, method, stage_call(self, name, method, request))
-
-    monkeypatch.setattr(calls, "outgoing_metadata", with_trace)
-    monkeypatch.setattr(orchestrator.Run, "stage_call", traced_call)
-
-
 def _generate(stub) -> None:
     params = orchestrator_pb2.GenerateParams(prompt=["a red cube"], height=64, width=64, num_inference_steps=STEPS,
                                              seed=1)
@@ -116,7 +99,7 @@ def _wait_for(exporter, count: int) -> list:
     raise AssertionError(f"fewer than {count} server spans after {WAIT_S} s: {[s.name for s in spans]}")
 
 
-def test_one_generate_is_one_trace_of_stage_and_step_spans(traced, traced_stack, wired):
+def test_one_generate_is_one_trace_of_stage_and_step_spans(traced, traced_stack):
     _generate(traced_stack)
     spans = _wait_for(traced, 4)
     by_id = {s.context.span_id: s for s in spans}
@@ -148,23 +131,19 @@ def test_one_generate_is_one_trace_of_stage_and_step_spans(traced, traced_stack,
     assert all(s.attributes["total"] == STEPS and s.attributes["rows_in_forward"] == 2 for s in steps)
 
 
-def test_a_stage_call_span_is_current_only_inside_the_call(traced):
-    seen = []
-
-    def responses():
-        for i in range(2):
-            seen.append((trace.get_current_span(), dict(tracing.outgoing())))
-            yield i
-
+def test_a_long_calls_span_is_current_only_while_the_call_is_made(traced):
     with tracing.span("outer") as outer:
-        call = tracing.stage_call("vae", "Decode", responses())
-        for _ in call:
-            assert trace.get_current_span() is outer  # the client span never leaks into the caller
-    client = next(s for s in traced.get_finished_spans() if s.name == "stage vae Decode")
-    assert client.parent.span_id == outer.get_span_context().span_id
-    for span, metadata in seen:
-        assert span.get_span_context().span_id == client.context.span_id
-        assert f"{client.context.span_id:016x}" in metadata["traceparent"]
+        long = tracing.LongCall("base", "Denoise")
+        with long.current():
+            metadata = dict(tracing.outgoing())  # what the call is made with
+        assert trace.get_current_span() is outer  # the client span never leaks into the caller
+        with tracing.client_span("text_encoder", "EncodePrompt"):
+            pass  # a call made while the long one is open: its sibling, not its child
+        long.end()
+    spans = {s.name: s for s in traced.get_finished_spans()}
+    client, sibling = spans["stage base Denoise"], spans["stage text_encoder EncodePrompt"]
+    assert client.parent.span_id == sibling.parent.span_id == outer.get_span_context().span_id
+    assert f"{client.context.span_id:016x}" in metadata["traceparent"]
 
 
 def test_off_without_an_endpoint_changes_nothing(monkeypatch):
@@ -173,8 +152,8 @@ def test_off_without_an_endpoint_changes_nothing(monkeypatch):
     monkeypatch.setattr(tracing, "_tracer", None)
     assert not tracing.configure("test")
     assert tracing.outgoing() == ()
-    responses = iter(())
-    assert tracing.stage_call("vae", "Decode", responses) is responses
+    with tracing.LongCall("base", "Denoise").current(), tracing.client_span("vae", "Decode"):
+        assert tracing.outgoing() == ()
     handler = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
     details = SimpleNamespace(method="/sdxl.v1.Vae/Decode", invocation_metadata=())
     assert tracing.server_interceptor("vae").intercept_service(lambda _: handler, details) is handler

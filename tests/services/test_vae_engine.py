@@ -17,7 +17,7 @@ from sdxl_core.latents import postprocess
 from sdxl_core.vae import latents_to_images
 from sdxl_core.watermark import watermark_available
 from sdxl_services import vae
-from sdxl_services.denoise_engine import RowBudget
+from sdxl_services.budget import RowBudget
 from sdxl_services.engine import Job
 from sdxl_services.stage import load, parse_args, server_options
 from sdxl_wire.images import to_png
