@@ -35,7 +35,7 @@ deploy-check: install
 	$(PY) -m pytest -q tests/deploy tests/core/test_fetch.py
 
 bench: install
-	$(PY) -m bench.core_vs_diffusers && $(PY) -m bench.transport && $(PY) -m bench.engine && $(PY) -m bench.faults
+	$(PY) -m bench.core_vs_diffusers && $(PY) -m bench.transport && $(PY) -m bench.engine && $(PY) -m bench.faults && $(PY) -m bench.lora
 
 tiny: install
 	$(PY) -m sdxl_core.tiny .cache/tiny-sdxl

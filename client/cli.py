@@ -11,7 +11,7 @@ import grpc
 
 from .client import SDXLClient
 from .output import ProgressBar, save_images
-from .params import PRIORITIES
+from .params import PRIORITIES, PROMPT_SYNTAXES, parse_lora
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -21,6 +21,13 @@ def _size(text: str) -> tuple[int, int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x1024; got {text!r}") from None
     return width, height
+
+
+def _lora(text: str) -> tuple[str, float | None]:
+    try:
+        return parse_lora(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _serve_parser(sub) -> None:
@@ -40,6 +47,14 @@ def _generate_parser(sub) -> None:
     p.add_argument("--prompt-2")
     p.add_argument("--negative", help="the negative prompt")
     p.add_argument("--negative-2", help="the negative prompt for the second text encoder")
+    p.add_argument("--prompt-syntax", choices=PROMPT_SYNTAXES,
+                   help="compel: weights as (word)1.3, word++, word--, (word:1.3), .blend(), .and(), and prompts "
+                        "longer than 77 tokens; default: plain (cut at 77 tokens)")
+    p.add_argument("--lora", type=_lora, action="append", metavar="NAME[:WEIGHT]",
+                   help="a LoRA adapter of the stages' --lora-dir (its file name without .safetensors) on the text "
+                        "encoders and the base, at WEIGHT (default 1); repeat for more")
+    p.add_argument("--refiner-lora", type=_lora, action="append", metavar="NAME[:WEIGHT]",
+                   help="a LoRA adapter for the refiner's UNet and text encoder (with --refiner); repeatable")
     p.add_argument("--steps", type=int, help="num_inference_steps; default: the server's (50)")
     p.add_argument("--guidance", type=float, help="guidance scale; default: the server's (5.0, 7.5 inpaint)")
     p.add_argument("--size", type=_size, help="WIDTHxHEIGHT; default 1024x1024, or the input image's size")
@@ -105,7 +120,9 @@ def generate(args: argparse.Namespace) -> int:
                 height=height, width=width, num_images_per_prompt=args.num_images, seed=args.seed,
                 scheduler=args.scheduler, strength=args.strength, refiner=args.refiner,
                 high_noise_frac=args.high_noise_frac, refiner_strength=args.refiner_strength,
-                watermark=False if args.no_watermark else None, priority=args.priority, image=args.image, mask_image=args.mask,
+                watermark=False if args.no_watermark else None, priority=args.priority,
+                prompt_syntax=args.prompt_syntax, loras=dict(args.lora or []),
+                refiner_loras=dict(args.refiner_lora or []), image=args.image, mask_image=args.mask,
                 on_progress=progress, timeout=args.timeout,
             )
         except grpc.RpcError as e:

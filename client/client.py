@@ -109,7 +109,8 @@ class SDXLClient(_Base):
 
     def generate(self, prompt, *, image=None, mask_image=None, on_progress: ProgressFn | None = None,
                  request_id: str | None = None, timeout: float | None = None, **kwargs) -> GenerateResult:
-        """Generate images; kwargs are the pipelines' arguments (see params.generate_params)."""
+        """Generate images; kwargs are the pipelines' arguments (see params.generate_params), prompt_syntax="compel"
+        among them for compel's weights and prompts longer than 77 tokens."""
         requests = _prepare(prompt, image, mask_image, kwargs)
         rid, options = self._call_options(request_id, timeout)
         collector = _Collector(on_progress)

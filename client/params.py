@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from google.protobuf import struct_pb2
 
@@ -17,6 +17,10 @@ REFINERS = {
 }
 
 PRIORITIES = ("interactive", "default", "batch")
+Loras = Mapping[str, float] | Sequence[str]  # LoRA adapters by name, with weights or at 1
+
+# "plain": prompts cut at 77 tokens, as diffusers. "compel": compel's weights, .blend(), .and(), any length.
+PROMPT_SYNTAXES = ("plain", "compel")
 
 STAGE_NAMES = {
     orchestrator_pb2.STAGE_UNSPECIFIED: "unspecified",
@@ -66,6 +70,15 @@ def priority_enum(priority: str | int | None) -> int:
         return stage_pb2.Priority.Value(f"PRIORITY_{priority.upper()}")
     except ValueError:
         raise ValueError(f"priority must be one of {PRIORITIES}; got {priority!r}") from None
+
+
+def prompt_syntax_name(prompt_syntax: str | None) -> str:
+    """"plain" / "compel" as the wire's GenerateParams.prompt_syntax; None: "" (the server's default, plain)."""
+    if prompt_syntax is None:
+        return ""
+    if prompt_syntax not in PROMPT_SYNTAXES:
+        raise ValueError(f"prompt_syntax must be one of {PROMPT_SYNTAXES}; got {prompt_syntax!r}")
+    return prompt_syntax
 
 
 def infer_mode(has_image: bool, has_mask: bool) -> int:
@@ -127,12 +140,18 @@ def generate_params(
     watermark: bool | None = None,
     preview: bool = False,
     priority: str | int | None = None,
+    prompt_syntax: str | None = None,
+    loras: Loras | None = None,
+    refiner_loras: Loras | None = None,
     *,
     has_image: bool = False,
     has_mask: bool = False,
 ) -> orchestrator_pb2.GenerateParams:
     """GenerateParams from the pipelines' arguments (diffusers' names). None leaves a field unset, and the
-    server applies the in-process pipelines' default; the client decides none."""
+    server applies the in-process pipelines' default; the client decides none. `prompt_syntax` "compel"
+    reads prompts in compel's syntax, of any length, as the pipelines' argument of that name. `loras` names LoRA
+    adapters of the stages' --lora-dir with weights ({"pixel": 0.8}, or names alone at weight 1), on the text
+    encoders and the base; `refiner_loras` the refiner's."""
     prompts = _strings("prompt", prompt)
     if not prompts:
         raise ValueError("prompt must hold at least one string")
@@ -165,6 +184,9 @@ def generate_params(
         refiner_scheduler=refiner_scheduler or "",
         preview=preview,
         priority=priority_enum(priority),
+        prompt_syntax=prompt_syntax_name(prompt_syntax),
+        loras=lora_adapters("loras", loras),
+        refiner_loras=lora_adapters("refiner_loras", refiner_loras),
     )
     optional = {"guidance_scale": guidance_scale, "denoising_start": denoising_start, "denoising_end": denoising_end,
                 "strength": strength, "refiner_strength": refiner_strength, "seed": seed, "watermark": watermark,
@@ -175,6 +197,34 @@ def generate_params(
     if scheduler_options:
         params.scheduler_options.CopyFrom(_struct(scheduler_options))
     return params
+
+
+def lora_adapters(name: str, loras: Loras | None) -> list[stage_pb2.LoraAdapter]:
+    """{"name": weight} or ["name", ...] (weight 1) as the wire's LoraAdapter list."""
+    if loras is None:
+        return []
+    if isinstance(loras, str):
+        raise ValueError(f"{name} must be a dict of name -> weight or a list of names; got the string {loras!r}")
+    pairs = loras.items() if isinstance(loras, Mapping) else ((n, None) for n in loras)
+    adapters = []
+    for adapter, weight in pairs:
+        if not isinstance(adapter, str) or not adapter:
+            raise ValueError(f"{name}: adapter names must be non-empty strings; got {adapter!r}")
+        if weight is not None and not isinstance(weight, (int, float)):
+            raise ValueError(f"{name}: the weight of {adapter!r} must be a number; got {weight!r}")
+        adapters.append(stage_pb2.LoraAdapter(name=adapter, weight=weight))
+    return adapters
+
+
+def parse_lora(text: str) -> tuple[str, float | None]:
+    """The CLI's NAME[:WEIGHT] -> (name, weight or None)."""
+    name, sep, weight = text.rpartition(":") if ":" in text else (text, "", "")
+    if not name:
+        raise ValueError(f"expected NAME[:WEIGHT], got {text!r}")
+    try:
+        return name, float(weight) if sep else None
+    except ValueError:
+        raise ValueError(f"the weight in {text!r} is not a number") from None
 
 
 def _struct(values: dict) -> struct_pb2.Struct:

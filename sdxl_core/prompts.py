@@ -2,27 +2,31 @@
 
 Follows `StableDiffusionXLPipeline.encode_prompt` in diffusers 0.42.1
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py; the img2img pipeline's
-is the same code), without LoRA scaling, textual inversion or clip_skip.
+is the same code), without LoRA scaling, textual inversion or clip_skip. With
+prompt_syntax="compel", prompts are read and encoded as compel does (sdxl_core.weighted_prompts).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from dataclasses import dataclass
 
 import torch
 
+from sdxl_core.weighted_prompts import TOKENIZER_LOCK, encode_weighted
+
 logger = logging.getLogger(__name__)
 
 Prompt = str | list[str]
+# "plain": diffusers' reading, cut at 77 tokens. "compel": compel's weights, blends and conjunctions, any length.
+PROMPT_SYNTAXES = ("plain", "compel")
 
 
 @dataclass(frozen=True)
 class PromptEmbeddings:
     """The UNet's text conditioning; the negatives are None without classifier-free guidance."""
 
-    prompt_embeds: torch.Tensor  # (B*n, 77, 2048) for the base, (B*n, 77, 1280) for the refiner
+    prompt_embeds: torch.Tensor  # (B*n, 77k, 2048) for the base, (B*n, 77k, 1280) for the refiner; k = 1 but compel
     pooled_prompt_embeds: torch.Tensor  # (B*n, 1280)
     negative_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
@@ -38,15 +42,10 @@ def _as_batch(name: str, prompt: Prompt, batch_size: int) -> list[str]:
     return prompts
 
 
-# A fast tokenizer keeps its padding / truncation settings on the shared Rust object and each call
-# resets them: two threads tokenizing at once can get each other's settings. Tokenizing is cheap.
-_TOKENIZER_LOCK = threading.Lock()
-
-
 def _tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """Token ids (B, 77): BOS, text, EOS, padding; a longer text is cut, with a warning quoting the cut."""
     max_length = tokenizer.model_max_length
-    with _TOKENIZER_LOCK:
+    with TOKENIZER_LOCK:
         padded = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         full_ids = tokenizer(prompts, verbose=False).input_ids
     for full in full_ids:
@@ -71,6 +70,33 @@ def _encode(pairs: list, texts: list[list[str]]) -> tuple[torch.Tensor, torch.Te
     return torch.cat(hidden, dim=-1), pooled
 
 
+def _encode_plain(pairs: list, texts: list[list[str]], negative_texts: list[list[str]] | None):
+    """diffusers' encoding: each text cut to 77 tokens, positives and negatives apart."""
+    embeds, pooled = _encode(pairs, texts)
+    negative_embeds, negative_pooled = (None, None) if negative_texts is None else _encode(pairs, negative_texts)
+    return embeds, pooled, negative_embeds, negative_pooled
+
+
+def _encode_compel(pairs: list, texts: list[list[str]], negative_texts: list[list[str]] | None):
+    """compel's encoding: prompts and negatives encoded together, so all are padded to the longest (77k tokens)."""
+    batch_size = len(texts[0])
+    if negative_texts is not None:
+        texts = [positives + negatives for positives, negatives in zip(texts, negative_texts)]
+    embeds, pooled = encode_weighted(pairs, texts)
+    if negative_texts is None:
+        return embeds, pooled, None, None
+    return embeds[:batch_size], pooled[:batch_size], embeds[batch_size:], pooled[batch_size:]
+
+
+ENCODINGS = {"plain": _encode_plain, "compel": _encode_compel}
+
+
+def check_prompt_syntax(prompt_syntax: str) -> None:
+    if prompt_syntax not in ENCODINGS:
+        raise ValueError(f"`prompt_syntax` must be one of {', '.join(map(repr, PROMPT_SYNTAXES))}, "
+                         f"got {prompt_syntax!r}")
+
+
 @torch.no_grad()
 def encode_prompt(
     text_encoders: list,
@@ -84,6 +110,7 @@ def encode_prompt(
     force_zeros_for_empty_prompt: bool = True,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    prompt_syntax: str = "plain",
 ) -> PromptEmbeddings:
     """Encode prompts for the SDXL base ([CLIP-L, bigG]) or the refiner ([None, bigG]).
 
@@ -93,7 +120,16 @@ def encode_prompt(
     the refiner) a missing negative prompt gives zeros; otherwise it is encoded as "".
     Results are on `device` in `dtype` (default: bigG's), each prompt's rows repeated
     `num_images_per_prompt` times in a row.
+
+    `prompt_syntax` "plain" reads prompts as diffusers does and cuts them at 77 tokens.
+    "compel" reads compel's syntax (`(word)1.3`, `word++`, `word--`, `.blend()`, `.and()`;
+    A1111's `(word:1.3)` as `(word)1.3`) and encodes prompts of any length in 77-token chunks
+    as compel does for SDXL. Every prompt and negative of the call, and every encoder's text of
+    a prompt (a `prompt_2` longer or shorter than `prompt`, as compel's CompelForSDXL reads a
+    style prompt), is padded with the empty prompt's chunks to the longest, so all share one
+    length 77k; the zeros of a missing negative take that length too.
     """
+    check_prompt_syntax(prompt_syntax)
     pairs = [(tok, enc) for tok, enc in zip(tokenizers, text_encoders, strict=True) if enc is not None]
     if not pairs or not hasattr(pairs[-1][1], "text_projection"):
         raise ValueError("text_encoders must end with bigG (CLIPTextModelWithProjection): it gives the pooled embedding")
@@ -104,18 +140,19 @@ def encode_prompt(
     batch_size = len(prompts)
     if not (isinstance(num_images_per_prompt, int) and num_images_per_prompt >= 1):
         raise ValueError(f"`num_images_per_prompt` must be an integer >= 1, got {num_images_per_prompt!r}")
-    embeds, pooled = _encode(pairs, [prompts, _as_batch("prompt_2", prompt_2 or prompt, batch_size)])
+    texts = [prompts, _as_batch("prompt_2", prompt_2 or prompt, batch_size)]
 
-    negative_embeds = negative_pooled = None
-    if do_classifier_free_guidance and negative_prompt is None and force_zeros_for_empty_prompt:
-        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    elif do_classifier_free_guidance:
+    zeros = do_classifier_free_guidance and negative_prompt is None and force_zeros_for_empty_prompt
+    negative_texts = None
+    if do_classifier_free_guidance and not zeros:
         negative_prompt = negative_prompt or ""
         negative_texts = [
             _as_batch("negative_prompt", negative_prompt, batch_size),
             _as_batch("negative_prompt_2", negative_prompt_2 or negative_prompt, batch_size),
         ]
-        negative_embeds, negative_pooled = _encode(pairs, negative_texts)
+    embeds, pooled, negative_embeds, negative_pooled = ENCODINGS[prompt_syntax](pairs, texts, negative_texts)
+    if zeros:
+        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
 
     bigg = pairs[-1][1]
     device, dtype = device or bigg.device, dtype or bigg.dtype

@@ -1,7 +1,7 @@
 """The denoiser's engine: each iteration packs the rows of jobs at any step into one UNet forward.
 
-A job's rows (two per image with guidance) carry their own timestep, context, pooled embedding, time ids and,
-for an inpainting UNet, mask and masked image; each job's sampler then steps its own rows with its own state
+A job's rows (two per image with guidance) carry their own timestep, context, pooled embedding, time ids, LoRA
+adapters and, for an inpainting UNet, mask and masked image; each job's sampler then steps its own rows with its own state
 (sdxl_core.denoise.Denoising). Jobs of different latent sizes or context lengths run in separate forwards.
 """
 
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sdxl_core.denoise import Denoising, OnStep, UNetInputs
+from sdxl_core.lora import Loras, applied_rows
 
 from . import metrics, tracing
 from .budget import RowBudget, calibrate, repeated, timed
@@ -29,6 +30,7 @@ class DenoiseWork:
     start: Callable[[OnStep], Denoising]
     key: tuple[int, ...]  # (h, w, context length): only jobs of one key share a forward
     rows: int
+    loras: Loras | None = None  # LoRA adapters on its rows
     run: Denoising | None = None
 
 
@@ -56,7 +58,8 @@ class DenoiseEngine(Engine):
         if not batch:
             return
         began, began_ns = time.perf_counter(), time.time_ns()
-        noise_pred = self.unet(*UNetInputs.cat([job.work.run.unet_inputs() for job in batch]))
+        with applied_rows([(job.work.loras, job.work.rows) for job in batch]):
+            noise_pred = self.unet(*UNetInputs.cat([job.work.run.unet_inputs() for job in batch]))
         for job, rows_of_job in zip(batch, noise_pred.split([job.work.rows for job in batch])):
             run = job.work.run
             # Each job's step: the forward it shared, then its own sampler step; under the job's server span.

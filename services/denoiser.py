@@ -21,6 +21,7 @@ from sdxl_core.latents import VAE_SCALE_FACTOR, preview
 from sdxl_core.loading import load_single_file, load_unet, model_type
 from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
+from sdxl_core.lora import Loras
 from sdxl_core.prompts import PromptEmbeddings
 from sdxl_core.request import SCHEDULER, DenoisePlan, MicroConditioning, Mode, is_inpainting_unet, plan_denoise
 from sdxl_core.schedulers import SCHEDULERS, check_options
@@ -40,6 +41,8 @@ from . import calls, metrics
 from .denoise_engine import DenoiseEngine, DenoiseWork, RowBudget
 from .describe import struct, unet_description
 from .engine import Job, priority
+from .loras import CACHE_SIZE as LORA_CACHE
+from .loras import LoraLibrary, adapter_key
 from .server import Server, ServerOptions
 
 SERVICE = "sdxl.v1.Denoiser"
@@ -66,6 +69,7 @@ class DenoiseCall:
     latent_size: tuple[int, int]  # (h, w)
     image: EncodedImage | None  # img2img / inpaint
     preview: bool
+    loras: Loras  # LoRA adapters on this call's rows, with their weights
 
     @property
     def rows(self) -> int:
@@ -112,9 +116,11 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     """Denoise over one UNet, whose engine advances every call it holds step by step."""
 
     def __init__(self, unet: torch.nn.Module, scheduler_config: dict, max_steps: int = MAX_STEPS,
-                 policy: str = "batch", max_batch_rows: int | None = None, max_pixels: int = MAX_PIXELS):
+                 policy: str = "batch", max_batch_rows: int | None = None, max_pixels: int = MAX_PIXELS,
+                 lora_dir: str | Path | None = None, lora_cache: int = LORA_CACHE):
         self.unet, self.scheduler_config, self.max_steps = unet, dict(scheduler_config), max_steps
         self.max_pixels = max_pixels
+        self.loras = LoraLibrary(lora_dir, {"unet": unet}, lora_cache)
         self.stage = model_type(unet.config)  # base, refiner or inpainting: the server's and the metrics' name
         self.engine = DenoiseEngine(unet, self.stage, policy, RowBudget(max_batch_rows))
 
@@ -128,6 +134,10 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
             unet=unet_description(self.unet.config), scheduler_config=struct(self.scheduler_config),
             limits=stage_pb2.StageLimits(max_steps=self.max_steps, max_side=MAX_SIDE))
 
+    def live_description(self) -> stage_pb2.StageDescription:
+        """The adapters in --lora-dir now."""
+        return stage_pb2.StageDescription(loras=self.loras.names())
+
     def Denoise(self, request_iterator, context):
         """Header and tensors in; progress per step, then the latents, out. This thread decodes and checks the
         request and relays its events; the engine's worker runs the UNet and drops the job once the call ends."""
@@ -135,7 +145,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         header, tensors = read_stream(request_iterator)
         call = self.prepare(header, tensors)
         metrics.observe_batch(self.stage, "Denoise", call.conditioning.batch_size)
-        work = DenoiseWork(partial(self.start, call), call.key, call.rows)
+        work = DenoiseWork(partial(self.start, call), call.key, call.rows, call.loras)
         job = self.engine.submit(Job(work, priority(header.priority), calls.deadline(context), calls.watch(context)))
         for kind, value in self.engine.events(job):
             if kind == "progress":
@@ -159,11 +169,13 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
     def prepare(self, header: denoiser_pb2.DenoiseHeader, tensors: dict) -> DenoiseCall:
         """Check the header and tensors against the UNet and each other; ValueError names the field."""
         check_scalars(header, self.max_steps)
+        loras = self.loras.resolve(adapter_key(header.loras))
         config, dims = self.unet.config, {}
         context, pooled = ("B", "L", config.cross_attention_dim), ("B", config.pooled_projection_dim)
         embeds = [expect(tensors, "prompt_embeds", context, FLOATS, dims),
                   expect(tensors, "pooled_prompt_embeds", pooled, FLOATS, dims)]
         check_sizes(dims, {"B": "the batch", "L": "the prompt's tokens"})
+        check_context_lengths(tensors)
         latents = expect(tensors, "latents", ("B", 4, "h", "w"), FLOATS, dims, required=False)
         image = self.image_inputs(tensors, dims)
         if latents is not None and image is not None:
@@ -187,7 +199,7 @@ class DenoiserServicer(denoiser_pb2_grpc.DenoiserServicer):
         time_ids = micro_conditioning(header.micro_conditioning).time_ids(config, *pixels, from_image=image is not None)
         conditioning = Conditioning.from_prompt(embeddings, *time_ids)
         seed = header.seed if header.HasField("seed") else secrets.randbits(63)
-        return DenoiseCall(plan, conditioning, seed, latents, size, image, header.preview)
+        return DenoiseCall(plan, conditioning, seed, latents, size, image, header.preview, loras)
 
     def plan(self, header: denoiser_pb2.DenoiseHeader, mode: Mode) -> DenoisePlan:
         """The request's plan over this UNet and the model's scheduler config with the request's overrides."""
@@ -269,6 +281,15 @@ def check_sizes(dims: dict, names: dict[str, str]) -> None:
             raise ValueError(f"{name} must not be empty, got a size of 0")
 
 
+def check_context_lengths(tensors: dict) -> None:
+    """A context of any length serves (compel's are 77k tokens), but the negative's must be the prompt's."""
+    positive, negative = tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
+    if negative is not None and negative.ndim == 3 and negative.shape[1] != positive.shape[1]:
+        raise ValueError(f"`negative_prompt_embeds` has {negative.shape[1]} tokens but `prompt_embeds` "
+                         f"{positive.shape[1]}: pad the shorter to the other's length with the empty prompt's "
+                         f"embedding, as compel's pad_conditioning_tensors_to_same_length does")
+
+
 def check_divides_batch(dims: dict) -> None:
     for name, letter in (("image_latents", "N"), ("mask", "M"), ("masked_image_latents", "K")):
         if letter in dims and dims["B"] % dims[letter]:
@@ -318,7 +339,7 @@ def make_server(servicer: DenoiserServicer, address: str = "[::]:0", options: Se
     """A started, SERVING Denoiser server named after its UNet's type (base, refiner, inpainting)."""
     server = Server(servicer.stage, [(add_servicer, servicer)], [SERVICE], address, options, on_stop=servicer.close)
     server.start()
-    server.set_serving(servicer.describe())
+    server.set_serving(servicer.describe(), servicer.live_description)
     return server
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import struct_pb2
@@ -34,12 +35,19 @@ def struct(values: dict) -> struct_pb2.Struct:
 
 
 class StageInfoServicer(stage_pb2_grpc.StageInfoServicer):
-    """Answers with the description the server was given once its weights were loaded."""
+    """Answers with the description the server was given once its weights were loaded, plus what `live` says
+    now (what changes while serving: the adapters in a --lora-dir)."""
 
     def __init__(self):
         self.description: stage_pb2.StageDescription | None = None
+        self.live: Callable[[], stage_pb2.StageDescription] | None = None
 
     def Describe(self, request, context) -> stage_pb2.StageDescription:
         if self.description is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the stage is loading its weights; retry shortly")
-        return self.description
+        if self.live is None:
+            return self.description
+        description = stage_pb2.StageDescription()
+        description.CopyFrom(self.description)
+        description.MergeFrom(self.live())
+        return description

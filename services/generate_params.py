@@ -8,11 +8,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from sdxl.v1 import orchestrator_pb2, stage_pb2, tensor_pb2
+from sdxl_core.prompt_syntax import parse_prompt
+from sdxl_core.prompts import PROMPT_SYNTAXES
 from sdxl_core.request import HIGH_NOISE_FRAC, SCHEDULER, Mode, from_pure_noise, guidance_scale_for, strength_for
 from sdxl_core.schedulers import SCHEDULERS, check_options
 
 from .denoiser import scheduler_options
 from .errors import FailedPrecondition
+from .loras import adapter_key
 
 TEXT2IMG, IMG2IMG, INPAINT = orchestrator_pb2.MODE_TEXT2IMG, orchestrator_pb2.MODE_IMG2IMG, orchestrator_pb2.MODE_INPAINT
 NONE, ENSEMBLE, REFINE = orchestrator_pb2.REFINER_NONE, orchestrator_pb2.REFINER_ENSEMBLE, orchestrator_pb2.REFINER_REFINE
@@ -100,6 +103,7 @@ def check_params(request: Generate, limits: Limits, has_refiner: bool) -> None:
     """Every field within its range, images where the mode needs them, a refiner where one is asked for."""
     p = request.params
     _check_prompts(p)
+    _check_loras(p)
     _check_sizes(p, limits)
     for name in ("num_inference_steps", "refiner_steps"):
         if getattr(p, name):  # 0: the default
@@ -137,6 +141,18 @@ def _check_scheduler_options(p) -> None:
         check_options(p.refiner_scheduler, options)
 
 
+def _check_loras(p) -> None:
+    """Adapter names and weights well formed (the stages say whether they have them); refiner_loras need a
+    refiner."""
+    for name in ("loras", "refiner_loras"):
+        try:
+            adapter_key(getattr(p, name))
+        except ValueError as error:
+            raise ValueError(f"`{name}`: {error}") from None
+    if p.refiner_loras and p.refiner == orchestrator_pb2.REFINER_NONE:
+        raise ValueError("`refiner_loras` are for the refiner: set `refiner` too")
+
+
 def _check_prompts(p) -> None:
     if not p.prompt:
         raise ValueError("`prompt` must hold at least one string")
@@ -145,6 +161,22 @@ def _check_prompts(p) -> None:
         if n not in (0, 1, len(p.prompt)):
             raise ValueError(f"`{name}` has {n} strings, but `prompt` has {len(p.prompt)}; send none, one, "
                              f"or {len(p.prompt)}")
+    _check_prompt_syntax(p)
+
+
+def _check_prompt_syntax(p) -> None:
+    """A known syntax, and under "compel" prompts it reads (the text encoder checks their length)."""
+    if p.prompt_syntax not in ("", *PROMPT_SYNTAXES):
+        raise ValueError(f"`prompt_syntax` must be one of {', '.join(map(repr, PROMPT_SYNTAXES))}, "
+                         f"got {p.prompt_syntax!r}")
+    if p.prompt_syntax != "compel":
+        return
+    for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):
+        for text in getattr(p, name):
+            try:
+                parse_prompt(text)
+            except ValueError as error:
+                raise ValueError(f"`{name}`: {error}") from None
 
 
 def _check_sizes(p, limits: Limits) -> None:

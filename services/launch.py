@@ -91,6 +91,8 @@ class ServeOptions:
     max_batch_rows: int | None = None  # the base's and refiner's row budget; None: measured
     vae_tile: int | None = None  # the VAE's --vae-tile; None: its default (whole images, layer by layer)
     vae_whole_pixels: int | None = None  # the VAE's --vae-whole-pixels; None: its default
+    lora_dir: str | None = None  # the text encoder's, base's and refiner's --lora-dir
+    lora_cache: int | None = None  # ... and --lora-cache; None: theirs
     start_timeout_s: float = 600.0  # loading full-size weights from a cold disk takes minutes
     grace_s: float = 30.0  # the stages drain for up to 25 s on SIGTERM
     auth_token_file: str | None = None  # every process's --auth-token-file: one token for clients and stages
@@ -110,7 +112,8 @@ class ServeOptions:
             raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
         if self.max_batch_rows is not None and self.max_batch_rows < 1:
             raise ValueError(f"--max-batch-rows must be >= 1, got {self.max_batch_rows}")
-        for flag, value in (("--vae-tile", self.vae_tile), ("--vae-whole-pixels", self.vae_whole_pixels)):
+        for flag, value in (("--vae-tile", self.vae_tile), ("--vae-whole-pixels", self.vae_whole_pixels),
+                            ("--lora-cache", self.lora_cache)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} must be >= 1, got {value}")
 
@@ -162,6 +165,9 @@ class ServeOptions:
         args += ["--policy", self.policy] if self.policy else []
         if process.stage in ("base", "refiner"):
             args += ["--max-batch-rows", str(self.max_batch_rows)] if self.max_batch_rows else []
+        if process.stage in ("text_encoder", "base", "refiner"):
+            args += ["--lora-dir", self.lora_dir] if self.lora_dir else []
+            args += ["--lora-cache", str(self.lora_cache)] if self.lora_cache else []
         if process.stage == "vae":
             args += ["--vae-tile", str(self.vae_tile)] if self.vae_tile else []
             args += ["--vae-whole-pixels", str(self.vae_whole_pixels)] if self.vae_whole_pixels else []
@@ -495,6 +501,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vae-whole-pixels", type=int, metavar="PIXELS",
                    help="the VAE decodes images of up to this many pixels whole (default 512 x 512), larger ones a "
                         "piece at a time, smaller decodes taking turns between the pieces")
+    p.add_argument("--lora-dir", metavar="DIR",
+                   help="LoRA adapters (.safetensors, kohya or diffusers format) the text encoder, base and refiner "
+                        "serve by file stem")
+    p.add_argument("--lora-cache", type=int, metavar="N", help="adapters kept loaded per model (default 8)")
     p.add_argument("--start-timeout", type=float, default=600.0, help="seconds for every stage to be SERVING")
     return p
 
@@ -504,8 +514,8 @@ def serve_options(args: argparse.Namespace) -> ServeOptions:
         base_model=args.base_model, refiner_model=args.refiner_model, no_refiner=args.no_refiner,
         host=args.host, port=args.port, device=args.device, placement=args.placement, dtype=args.dtype,
         threads=args.threads, policy=args.policy, max_batch_rows=args.max_batch_rows,
-        vae_tile=args.vae_tile, vae_whole_pixels=args.vae_whole_pixels,
-        start_timeout_s=args.start_timeout, auth_token_file=args.auth_token_file,
+        vae_tile=args.vae_tile, vae_whole_pixels=args.vae_whole_pixels, lora_dir=args.lora_dir,
+        lora_cache=args.lora_cache, start_timeout_s=args.start_timeout, auth_token_file=args.auth_token_file,
         **{f"{s}_{kind}": getattr(args, f"{s}_{kind}") for s in STAGES for kind in ("device", "dtype")},
     )
 

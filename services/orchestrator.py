@@ -256,7 +256,8 @@ class Run:
         request = text_encoder_pb2.EncodePromptRequest(
             prompt=p.prompt, prompt_2=p.prompt_2, negative_prompt=p.negative_prompt,
             negative_prompt_2=p.negative_prompt_2, targets=targets, num_images_per_prompt=p.num_images_per_prompt,
-            guided=self.request.guidance_scale > 1, priority=p.priority)
+            guided=self.request.guidance_scale > 1, priority=p.priority, prompt_syntax=p.prompt_syntax,
+            loras=p.loras, refiner_loras=p.refiner_loras)
         responses = self.stage_call("text_encoder", self.stubs.text_encoder.EncodePrompt, lambda: request)
         return [chunk for response in responses for chunk in response.chunks]
 
@@ -276,6 +277,7 @@ class Run:
         p = self.request.params
         header = self._header(p.scheduler, p.num_inference_steps)
         header.height, header.width = p.height, p.width
+        header.loras.extend(p.loras)
         for name in ("denoising_start", "strength"):
             if p.HasField(name):
                 setattr(header, name, getattr(p, name))
@@ -290,10 +292,11 @@ class Run:
         if p.refiner == ENSEMBLE:  # the same schedule, from the base's cut
             header = self._header(p.scheduler, p.num_inference_steps)
             header.denoising_start = self.request.high_noise_frac
-            return header
-        assert p.refiner == REFINE  # img2img on the base's latents: unset strength is the refiner's default
-        header = self._header(p.refiner_scheduler or p.scheduler, p.refiner_steps or p.num_inference_steps)
-        header.strength = p.refiner_strength if p.HasField("refiner_strength") else REFINER_STRENGTH
+        else:
+            assert p.refiner == REFINE  # img2img on the base's latents: unset strength is the refiner's default
+            header = self._header(p.refiner_scheduler or p.scheduler, p.refiner_steps or p.num_inference_steps)
+            header.strength = p.refiner_strength if p.HasField("refiner_strength") else REFINER_STRENGTH
+        header.loras.extend(p.refiner_loras)
         return header
 
     def _header(self, scheduler: str, steps: int) -> denoiser_pb2.DenoiseHeader:

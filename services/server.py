@@ -161,16 +161,18 @@ class Server:
         self.log.info("stage %s listening on port %d", self.stage, self.port)
         return self.port
 
-    def set_serving(self, description: stage_pb2.StageDescription | None = None) -> None:
+    def set_serving(self, description: stage_pb2.StageDescription | None = None,
+                    live: Callable[[], stage_pb2.StageDescription] | None = None) -> None:
         """Serve, and report SERVING for every service; call once the weights are loaded. `description` is what
-        the servicer says of its model; the server adds its own stage name, limits and version."""
+        the servicer says of its model; the server adds its own stage name, limits and version. `live`, if given,
+        adds what may change while serving to each Describe."""
         info = stage_pb2.StageDescription(stage=self.stage, version=describe.package_version())
         info.limits.MergeFrom(stage_pb2.StageLimits(
             max_concurrency=self.options.max_concurrency, max_queue=self.options.max_queue,
             max_message_bytes=self.options.max_message_bytes))
         if description is not None:
             info.MergeFrom(description)
-        self.info.description = info
+        self.info.description, self.info.live = info, live
         self.serving.set()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

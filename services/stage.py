@@ -49,6 +49,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="vae: decodes of up to this many pixels (default 512 x 512) run whole, and share a decode "
                              "with others of their size; larger ones run a layer (or tile) at a time, others taking "
                              "turns between")
+    parser.add_argument("--lora-dir", metavar="DIR",
+                        help="text_encoder, base, refiner: LoRA adapters (.safetensors, kohya or diffusers format) "
+                             "that requests name by file stem; new files are found without a restart")
+    parser.add_argument("--lora-cache", type=int, default=8, metavar="N",
+                        help="adapters kept loaded per model, least recently used out (default 8)")
     parser.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="PIXELS",
                         help="base, refiner, vae: pixels per image one call may ask for, checked before any work "
                              "(default 2048 x 2048; the vae also bounds an encoded image's side by its square root)")
@@ -138,7 +143,8 @@ def load(args: argparse.Namespace):
         from .text_encoder import load_servicer
 
         refiner = args.refiner_model or (None if args.model else _tiny("refiner"))
-        return load_servicer(args.model or _tiny("base"), refiner, **common)
+        return load_servicer(args.model or _tiny("base"), refiner, **common, lora_dir=args.lora_dir,
+                             lora_cache=args.lora_cache)
     if args.stage == "vae":
         from .vae import load_servicer
 
@@ -146,7 +152,8 @@ def load(args: argparse.Namespace):
                               whole_pixels=args.vae_whole_pixels, max_pixels=args.max_pixels)
     from .denoiser import load_servicer
 
-    return load_servicer(args.model or _tiny(args.stage), **common, max_pixels=args.max_pixels)
+    return load_servicer(args.model or _tiny(args.stage), **common, max_pixels=args.max_pixels,
+                         lora_dir=args.lora_dir, lora_cache=args.lora_cache)
 
 
 def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
@@ -173,7 +180,7 @@ def open_stage(args: argparse.Namespace) -> tuple[Server, Callable[[], None]]:
         server.on_stop = getattr(pending.servicer, "close", None)
         description = pending.servicer.describe()
         description.model = args.vae_model or args.model or "tiny"
-        server.set_serving(description)
+        server.set_serving(description, getattr(pending.servicer, "live_description", None))
         metrics.model_loaded(args.stage, description.model, args.device, args.dtype)
 
     return server, load_weights

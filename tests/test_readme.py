@@ -28,7 +28,7 @@ def with_fp16_variant(source: Path, target: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def models(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+def models(tiny_model_dir, tmp_path_factory, lora_files) -> dict[str, str]:
     """README model paths -> code naming the tiny stand-ins (single files need the tiny architecture's config)."""
     root = tmp_path_factory.mktemp("readme-models")
     base = with_fp16_variant(tiny_model_dir / "base", root / "base")
@@ -41,6 +41,8 @@ def models(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
         "/models/sd_xl_base_1.0.safetensors": base_file,
         "/models/my_finetune.safetensors": repr(str(tiny_model_dir / "sd_xl_base_tiny.safetensors")),
         "./sd_xl_base_1.0.safetensors": base_file,
+        "/models/loras/papercut.safetensors": repr(str(lora_files["style"])),
+        "/models/loras/pixel-art.safetensors": repr(str(lora_files["detail"])),
         "./sd_xl_refiner_1.0.safetensors":
             f"{str(tiny_model_dir / 'sd_xl_refiner_tiny.safetensors')!r}, config={str(refiner)!r}",
     }
@@ -77,7 +79,9 @@ def test_the_readme_has_every_example_of_the_sdxl_usage_page():
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
 def test_readme_example_runs(code, models, tiny_model_dir, tmp_path, monkeypatch, request):
     if "sdxl_client" in code:  # a client example: against the tiny stages served in this process
-        code = code.replace('"localhost:50051"', repr(request.getfixturevalue("orchestrator_address")))
+        address = request.getfixturevalue("lora_orchestrator")[0] if "loras=" in code else \
+            request.getfixturevalue("orchestrator_address")
+        code = code.replace('"localhost:50051"', repr(address))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SDXL_MODEL_DIR", str(tiny_model_dir))
     Image.new("RGB", INIT_SIZE, (120, 80, 40)).save("init.png")

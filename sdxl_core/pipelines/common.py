@@ -20,6 +20,7 @@ from sdxl_core.loading.folder import load_text_encoder, load_unet, load_vae, rea
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.offload import enable_model_cpu_offload
+from sdxl_core.pipelines.lora import LoraMixin
 from sdxl_core.prompts import Prompt, PromptEmbeddings, encode_prompt
 from sdxl_core.request import DenoisePlan, MicroConditioning, Mode, plan_denoise
 from sdxl_core.stages import decode_stage
@@ -88,7 +89,7 @@ def load_given(components: dict[str, Any], torch_dtype, device) -> dict[str, Any
     return components
 
 
-class PipelineBase:
+class PipelineBase(LoraMixin):
     """Components and settings of an SDXL pipeline; subclasses add `__call__`."""
 
     def __init__(
@@ -107,6 +108,7 @@ class PipelineBase:
         self.add_watermarker = watermark_available() if add_watermarker is None else add_watermarker
         self._offload_device: torch.device | None = None
         self._offload_hooks: list = []
+        self._init_loras()
 
     @classmethod
     def from_components(cls, components: SDXLComponents, add_watermarker: bool | None = None, **overrides):
@@ -171,12 +173,13 @@ class PipelineBase:
 
     def encode_prompt(
         self, prompt: Prompt, prompt_2: Prompt | None, negative_prompt: Prompt | None,
-        negative_prompt_2: Prompt | None, num_images_per_prompt: int, guided: bool,
+        negative_prompt_2: Prompt | None, num_images_per_prompt: int, guided: bool, prompt_syntax: str = "plain",
     ) -> PromptEmbeddings:
+        """sdxl_core.prompts.encode_prompt over this pipeline's encoders; `prompt_syntax` "plain" or "compel"."""
         return encode_prompt(
             [self.text_encoder, self.text_encoder_2], [self.tokenizer, self.tokenizer_2], prompt, prompt_2,
             negative_prompt, negative_prompt_2, num_images_per_prompt, guided, self.force_zeros_for_empty_prompt,
-            device=self.device, dtype=self.unet.dtype,
+            device=self.device, dtype=self.unet.dtype, prompt_syntax=prompt_syntax,
         )
 
     def plan(self, mode: Mode, num_inference_steps: int, scheduler: str, guidance_scale: float | None,

@@ -12,6 +12,7 @@ from sdxl_core.denoise import OnStep, Size
 from sdxl_core.latents import VAE_SCALE_FACTOR, check_output_type, preprocess_image
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, resolve_generator
+from sdxl_core.pipelines.lora import with_loras
 from sdxl_core.prompts import Prompt
 from sdxl_core.request import (
     AESTHETIC_SCORE,
@@ -37,6 +38,7 @@ class SDXLImg2ImgPipeline(PipelineBase):
         super().__init__(unet, *args, **kwargs)
 
     @torch.no_grad()
+    @with_loras
     def __call__(
         self,
         prompt: Prompt,
@@ -64,6 +66,7 @@ class SDXLImg2ImgPipeline(PipelineBase):
         negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
         scheduler: str = SCHEDULER,
         on_step: OnStep | None = None,
+        prompt_syntax: str = "plain",
     ) -> SDXLPipelineOutput:
         """Denoise `image` (PIL / array / tensor in [0, 1], or latents (B, 4, h, w) from a base).
 
@@ -77,7 +80,7 @@ class SDXLImg2ImgPipeline(PipelineBase):
                          strength=strength, denoising_start=denoising_start, denoising_end=denoising_end)
         generator = resolve_generator(generator, seed)
         embeddings = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided)
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided, prompt_syntax)
         # Each side starts from the same generator state, as the VAE and denoiser stages start from the seed.
         encoded = encode_image_stage(self.vae, preprocess_image(image), embeddings.prompt_embeds.shape[0], fork(generator),
                                      self.device, self.unet.dtype)

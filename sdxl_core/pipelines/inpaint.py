@@ -13,6 +13,7 @@ from sdxl_core.latents import check_output_type, preprocess_image
 from sdxl_core.masks import check_mask_matches, image_size, is_latents, preprocess_mask
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_size, resolve_generator
+from sdxl_core.pipelines.lora import with_loras
 from sdxl_core.prompts import Prompt
 from sdxl_core.request import (
     AESTHETIC_SCORE,
@@ -51,6 +52,7 @@ class SDXLInpaintPipeline(PipelineBase):
         return size
 
     @torch.no_grad()
+    @with_loras
     def __call__(
         self,
         prompt: Prompt,
@@ -82,6 +84,7 @@ class SDXLInpaintPipeline(PipelineBase):
         negative_aesthetic_score: float = NEGATIVE_AESTHETIC_SCORE,
         scheduler: str = SCHEDULER,
         on_step: OnStep | None = None,
+        prompt_syntax: str = "plain",
     ) -> SDXLPipelineOutput:
         """Repaint where `mask_image` is white (>= 0.5) in `image` (PIL / array / tensor in [0, 1], or
         latents (B, 4, h, w) from a base with output_type="latent", then with `denoising_start`).
@@ -103,7 +106,7 @@ class SDXLInpaintPipeline(PipelineBase):
         mask = preprocess_mask(mask_image, height, width)  # (M, 1, H, W)
 
         embeddings = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided)
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided, prompt_syntax)
         in_channels = self.unet.config.in_channels
         # Each side starts from the same generator state, as the VAE and denoiser stages start from the seed.
         encoded = encode_inpaint_stage(

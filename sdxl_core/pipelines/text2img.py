@@ -12,6 +12,7 @@ from sdxl_core.denoise import OnStep, Size
 from sdxl_core.latents import VAE_SCALE_FACTOR, check_output_type
 from sdxl_core.noise import GeneratorLike
 from sdxl_core.pipelines.common import PipelineBase, SDXLPipelineOutput, check_size, resolve_generator
+from sdxl_core.pipelines.lora import with_loras
 from sdxl_core.prompts import Prompt
 from sdxl_core.request import (
     GUIDANCE_SCALE,
@@ -34,6 +35,7 @@ class SDXLPipeline(PipelineBase):
         super().__init__(unet, *args, **kwargs)
 
     @torch.no_grad()
+    @with_loras
     def __call__(
         self,
         prompt: Prompt,
@@ -59,6 +61,7 @@ class SDXLPipeline(PipelineBase):
         negative_target_size: Size | None = None,
         scheduler: str = SCHEDULER,
         on_step: OnStep | None = None,
+        prompt_syntax: str = "plain",
     ) -> SDXLPipelineOutput:
         """Generate images; `seed` (int) is shorthand for generator=torch.Generator("cpu").manual_seed(seed)."""
         height, width = height or self.default_size, width or self.default_size
@@ -69,7 +72,7 @@ class SDXLPipeline(PipelineBase):
                          denoising_end=denoising_end)
         generator = resolve_generator(generator, seed)
         embeddings = self.encode_prompt(
-            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided)
+            prompt, prompt_2, negative_prompt, negative_prompt_2, num_images_per_prompt, plan.guided, prompt_syntax)
         micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                   negative_crops_coords_top_left, negative_target_size)
         latent_size = (height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)

@@ -1,3 +1,4 @@
+import pytest
 from grpc_health.v1 import health_pb2
 from PIL import Image
 
@@ -88,3 +89,28 @@ def test_generate_refuses_an_empty_token_file_with_exit_2(fake_orchestrator, tmp
     (tmp_path / "token").write_text(" \n")
     assert main(["generate", "p", "--address", address, "--token-file", str(tmp_path / "token")]) == 2
     assert "is empty" in capsys.readouterr().err and servicer.requests == []
+
+
+def test_generate_sends_the_prompt_syntax(fake_orchestrator, tmp_path, capsys):
+    address, servicer = fake_orchestrator
+    prompt = "a (red)1.3 horse++ " * 30
+    assert main(["generate", prompt, "--prompt-syntax", "compel", "--address", address, "--steps", "1",
+                 "-o", str(tmp_path / "o.png")]) == 0
+    assert main(["generate", "p", "--address", address, "--steps", "1", "-o", str(tmp_path / "p.png")]) == 0
+    sent = [requests[0].params for requests in servicer.requests]
+    assert (sent[0].prompt_syntax, list(sent[0].prompt)) == ("compel", [prompt])
+    assert sent[1].prompt_syntax == ""  # the server's default: plain
+
+
+def test_generate_sends_lora_adapters_with_their_weights(fake_orchestrator, tmp_path, capsys):
+    address, servicer = fake_orchestrator
+    assert main(["generate", "p", "--lora", "pixel:0.8", "--lora", "papercut", "--refiner", "ensemble",
+                 "--refiner-lora", "refined:1.5", "--address", address, "--steps", "1",
+                 "-o", str(tmp_path / "o.png")]) == 0
+    sent = servicer.requests[0][0].params
+    assert [(a.name, a.weight if a.HasField("weight") else None) for a in sent.loras] == [
+        ("pixel", pytest.approx(0.8)), ("papercut", None)]  # a float32 on the wire; unset: 1 at the stages
+    assert [(a.name, a.weight) for a in sent.refiner_loras] == [("refined", 1.5)]
+    with pytest.raises(SystemExit):
+        main(["generate", "p", "--lora", "pixel:strong", "--address", address])
+    assert "not a number" in capsys.readouterr().err

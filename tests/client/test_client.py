@@ -21,6 +21,19 @@ def test_generate_returns_the_images_and_seed(fake_orchestrator):
     assert list(params.prompt) == ["a", "b"] and params.seed == 7
 
 
+def test_prompt_syntax_is_sent_by_both_clients(fake_orchestrator):
+    address, servicer = fake_orchestrator
+    with SDXLClient(address) as client:
+        client.generate("a (cat)1.3", prompt_syntax="compel")
+
+    async def main():
+        async with AsyncSDXLClient(address) as client:
+            await client.generate("a (dog)0.5", prompt_syntax="compel")
+
+    asyncio.run(main())
+    assert [requests[0].params.prompt_syntax for requests in servicer.requests] == ["compel", "compel"]
+
+
 def test_progress_callback_sees_every_stage_in_order(fake_orchestrator):
     address, _ = fake_orchestrator
     events = []

@@ -110,3 +110,24 @@ def test_priority_is_sent_by_name():
     assert generate_params("p").priority == stage_pb2.PRIORITY_UNSPECIFIED
     with pytest.raises(ValueError, match="priority"):
         generate_params("p", priority="urgent")
+
+
+@pytest.mark.parametrize("syntax, wire", [(None, ""), ("plain", "plain"), ("compel", "compel")])
+def test_prompt_syntax_goes_on_the_wire_and_unset_leaves_the_servers_default(syntax, wire):
+    assert generate_params("a (cat)1.3", prompt_syntax=syntax).prompt_syntax == wire
+
+
+def test_an_unknown_prompt_syntax_is_refused_before_sending():
+    with pytest.raises(ValueError, match="prompt_syntax must be one of"):
+        generate_params("p", prompt_syntax="a1111")
+
+
+def test_loras_go_on_the_wire_by_name_with_their_weights():
+    params = generate_params("p", loras={"pixel": 0.5, "papercut": None}, refiner_loras=["refined"])
+    assert [(a.name, a.weight if a.HasField("weight") else None) for a in params.loras] == [("pixel", 0.5),
+                                                                                             ("papercut", None)]
+    assert [(a.name, a.HasField("weight")) for a in params.refiner_loras] == [("refined", False)]
+    assert list(generate_params("p").loras) == []
+    for bad, message in (("pixel", "got the string"), ({"": 1.0}, "non-empty strings"), ({"a": "1"}, "a number")):
+        with pytest.raises(ValueError, match=message):
+            generate_params("p", loras=bad)

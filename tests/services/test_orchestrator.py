@@ -12,8 +12,9 @@ from PIL import Image
 
 from sdxl.v1 import orchestrator_pb2, orchestrator_pb2_grpc, stage_pb2, tensor_pb2
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLInpaintPipeline, SDXLPipeline
-from sdxl_services import channels, denoiser, orchestrator, text_encoder
+from sdxl_services import channels, denoiser, orchestrator, text_encoder, vae
 from sdxl_services.generate_params import ENSEMBLE, REFINE
+from tests.services.test_denoise_engine import Recorder
 
 Stage = orchestrator_pb2.Stage
 SEED = 1234
@@ -152,6 +153,9 @@ def test_inpaint_equals_the_pipeline(stub, tiny_model_dir, init_images):
     (dict(mode=orchestrator_pb2.MODE_INPAINT), "image"),
     (dict(scheduler="warp_drive"), "scheduler"),
     (dict(negative_prompt=["a", "b"]), "negative_prompt"),
+    (dict(prompt_syntax="a1111"), "prompt_syntax"),
+    (dict(prompt_syntax="compel", negative_prompt=["a cat.swap(dog)"]), "negative_prompt"),
+    (dict(prompt_syntax="compel", prompt=["word " * 1300]), "prompt"),  # 18 chunks: the text encoder refuses it
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_bad_requests_are_invalid_argument_naming_the_field(stub, fields, named):
     with pytest.raises(grpc.RpcError) as error:
@@ -350,6 +354,87 @@ def test_a_priority_outside_the_enum_is_invalid_argument_and_a_valid_one_serves(
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "priority" in error.value.details()
     _, images, _ = _generate(stub, _params(priority=stage_pb2.PRIORITY_INTERACTIVE))
     assert images
+
+
+# --- prompt_syntax="compel": contexts of 77k tokens -------------------------------------------
+
+LONG = "a photo of a (red)1.3 cube++ on a wooden table--, with (tall)0.8 mountains behind it. " * 9  # 3 chunks
+
+
+@pytest.mark.parametrize("refiner", [None, ENSEMBLE], ids=["base", "ensemble"])
+def test_a_long_weighted_prompt_equals_the_pipelines_image(stub, pipelines, refiner):
+    base, refiner_pipe = pipelines
+    prompt_2, negative = "an oil painting, " * 60, "blurry, (dark)1.2"  # the base's context: 4 chunks, refiner's 3
+    fields = dict(prompt=[LONG], prompt_2=[prompt_2], negative_prompt=[negative], prompt_syntax="compel")
+    _, images, _ = _generate(stub, _params(**fields, **({"refiner": refiner} if refiner else {})))
+    common = dict(negative_prompt=negative, num_inference_steps=4, seed=SEED, prompt_syntax="compel")
+    if refiner is None:
+        want = base(LONG, prompt_2=prompt_2, height=64, width=64, **common).images
+    else:
+        latents = base(LONG, prompt_2=prompt_2, height=64, width=64, denoising_end=0.8, output_type="latent",
+                       **common).images
+        want = refiner_pipe(LONG, image=latents, denoising_start=0.8, **common).images
+    np.testing.assert_array_equal(images[0], _arrays(want)[0])
+
+
+class ContextRecorder(Recorder):
+    """The base UNet, recording each forward's context length beside its rows."""
+
+    def __init__(self, unet):
+        super().__init__(unet)
+        self.contexts: list[int] = []
+
+    def forward(self, sample, timestep, context, *args):
+        self.contexts.append(context.shape[1])
+        return super().forward(sample, timestep, context, *args)
+
+
+@pytest.fixture
+def own_stages(tiny_model_dir):
+    """An orchestrator over stages of this test's own (concurrent traffic never goes to the session's), the base
+    UNet recorded: (stub, base servicer, recorder)."""
+    unet, scheduler_config = denoiser.load_denoiser(tiny_model_dir / "base")
+    recorder = ContextRecorder(unet)
+    base = denoiser.DenoiserServicer(recorder, scheduler_config)
+    servers = [text_encoder.build(tiny_model_dir / "base"), denoiser.make_server(base), vae.build(tiny_model_dir / "base")]
+    te, den, va = (f"127.0.0.1:{s.port}" for s in servers)
+    servers.append(orchestrator.build(te, den, None, va))
+    yield orchestrator_pb2_grpc.OrchestratorStub(grpc.insecure_channel(f"127.0.0.1:{servers[-1].port}")), base, recorder
+    for server in reversed(servers):
+        server.stop(0)
+
+
+def test_concurrent_requests_of_different_context_lengths_never_share_a_forward_and_each_equals_its_solo_run(
+        own_stages):
+    stub, base, recorder = own_stages
+    requests = {"plain": _params(seed=5), "compel": _params(prompt=[LONG], negative_prompt=["blurry"],
+                                                            prompt_syntax="compel", seed=6)}
+    solo = {name: _generate(stub, params)[1][0] for name, params in requests.items()}
+    recorder.rows.clear()
+    recorder.contexts.clear()
+    recorder.entered.clear()
+    recorder.gate.clear()
+    results = {}
+
+    def run(name):
+        results[name] = _generate(stub, requests[name])[1][0]
+
+    first = threading.Thread(target=run, args=("plain",))
+    first.start()
+    assert recorder.entered.wait(WAIT_S)  # the base's worker holds the plain request's first forward
+    second = threading.Thread(target=run, args=("compel",))
+    second.start()
+    deadline = time.monotonic() + WAIT_S
+    while base.engine.held() < 2:  # the compel request waits at the base beside it
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    recorder.gate.set()
+    first.join(WAIT_S)
+    second.join(WAIT_S)
+    for name, image in solo.items():
+        np.testing.assert_array_equal(results[name], image)
+    assert sorted(set(recorder.contexts)) == [77, 3 * 77]
+    assert recorder.rows == [2] * 8  # 4 steps each, one request's guided pair per forward
 
 
 _BLOCKING_VAE = """

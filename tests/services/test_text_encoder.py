@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -15,6 +16,7 @@ from sdxl.v1 import text_encoder_pb2, text_encoder_pb2_grpc
 from sdxl_core.pipelines import SDXLImg2ImgPipeline, SDXLPipeline
 from sdxl_services import text_encoder
 from sdxl_wire import CHUNK_BYTES
+from tests.services import test_text_encoder_engine as engine
 from tests.wire.streams import assemble
 
 BASE, REFINER = text_encoder_pb2.TARGET_BASE, text_encoder_pb2.TARGET_REFINER
@@ -44,8 +46,9 @@ def _encode(server, **fields) -> dict[str, torch.Tensor]:
     return assemble(c for response in _stub(server).EncodePrompt(request, timeout=30) for c in response.chunks)
 
 
-def _expected(pipeline, prefix, prompt, prompt_2=None, negative_prompt=None, negative_prompt_2=None, n=1, guided=True):
-    embeddings = pipeline.encode_prompt(prompt, prompt_2, negative_prompt, negative_prompt_2, n, guided)
+def _expected(pipeline, prefix, prompt, prompt_2=None, negative_prompt=None, negative_prompt_2=None, n=1, guided=True,
+              prompt_syntax="plain"):
+    embeddings = pipeline.encode_prompt(prompt, prompt_2, negative_prompt, negative_prompt_2, n, guided, prompt_syntax)
     return {f"{prefix}/{name}": t for name, t in vars(embeddings).items() if t is not None}
 
 
@@ -126,3 +129,70 @@ def test_stage_process_prints_its_address_and_stops_on_sigterm(tiny_model_dir):
         finally:
             if process.poll() is None:
                 process.kill()
+
+
+# --- prompt_syntax="compel" -----------------------------------------------------------------
+
+LONG = "a photo of a (red)1.3 fox++ sitting in deep snow--, with (tall)0.8 mountains behind it. " * 9  # 3 chunks
+
+
+def test_compel_prompts_of_any_length_are_bit_equal_to_the_pipelines(servers, pipelines):
+    base, refiner = pipelines
+    prompt, prompt_2, negative = [LONG, "a (cat)1.2"], ["an oil painting, " * 60], ["blurry--"]
+    got = _encode(servers[0], prompt=prompt, prompt_2=prompt_2, negative_prompt=negative, targets=[BASE, REFINER],
+                  num_images_per_prompt=2, guided=True, prompt_syntax="compel")
+    want = _expected(base, "base", prompt, prompt_2[0], negative[0], None, 2, prompt_syntax="compel") | _expected(
+        refiner, "refiner", prompt, prompt_2[0], negative[0], None, 2, prompt_syntax="compel")
+    _assert_bit_equal(got, want)
+    # The base's bigG reads prompt_2 (3 chunks of 77 padded to 4), the refiner's prompt: lengths differ by target.
+    assert got["base/prompt_embeds"].shape[:2] == got["base/negative_prompt_embeds"].shape[:2] == (4, 4 * 77)
+    assert got["refiner/prompt_embeds"].shape[:2] == (4, 3 * 77)
+    plain = _encode(servers[0], prompt=prompt, targets=[BASE], guided=False)
+    assert plain["base/prompt_embeds"].shape[:2] == (2, 77)  # "" is "plain"
+
+
+@pytest.mark.parametrize("fields, named", [
+    (dict(prompt=["a"], prompt_syntax="a1111"), "prompt_syntax"),
+    (dict(prompt=["a cat.swap(dog)"], prompt_syntax="compel"), "prompt"),
+    (dict(prompt=["a"], negative_prompt=['("x", "y").blend(1, 2, 3)'], prompt_syntax="compel"), "negative_prompt"),
+    (dict(prompt=["word " * 1300], prompt_syntax="compel"), "prompt"),  # 18 chunks
+    # 40 fragments below 1 over 2 chunks: 82 passes, for each of 8 prompts
+    (dict(prompt=["a"] * 8, negative_prompt=["(dark)0.5 night " * 40], prompt_syntax="compel"), "passes"),
+], ids=["syntax", "swap", "blend_weights", "too_long", "too_many_passes"])
+def test_bad_compel_requests_are_invalid_argument_naming_the_field(servers, fields, named):
+    with pytest.raises(grpc.RpcError) as error:
+        _encode(servers[1], targets=[BASE], guided=True, **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"`{named}`" in error.value.details() or named in error.value.details()
+
+
+@pytest.fixture
+def engine_stub(tiny_model_dir):
+    """A text encoder of this test's own, for concurrent calls (never the session's stages)."""
+    servicer = text_encoder.load_servicer(tiny_model_dir / "base")
+    server = text_encoder.make_server(servicer, "127.0.0.1:0")
+    yield servicer, text_encoder_pb2_grpc.TextEncoderStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+    server.stop(0)
+
+
+def test_a_compel_call_is_encoded_alone_and_plain_calls_of_its_key_still_share(engine_stub, monkeypatch):
+    servicer, stub = engine_stub
+    R = text_encoder_pb2.EncodePromptRequest
+    first = R(prompt=["first"], targets=[BASE])  # unguided: another key, held at the gate
+    requests = [R(prompt=["a cat"], negative_prompt=["ugly"], targets=[BASE], guided=True),
+                R(prompt=[LONG], negative_prompt=["ugly"], targets=[BASE], guided=True, prompt_syntax="compel"),
+                R(prompt=["a (dog)0.5"], negative_prompt=["ugly"], targets=[BASE], guided=True, prompt_syntax="compel"),
+                R(prompt=["a bird"], negative_prompt=["ugly"], targets=[BASE], guided=True)]
+    solo = [engine.encode(stub, r) for r in requests]
+    encodes = []
+    encode = text_encoder.Encoders.encode
+    monkeypatch.setattr(text_encoder.Encoders, "encode",
+                        lambda self, calls, loras=None: encodes.append([c.prompt[0] for c in calls])
+                        or encode(self, calls, loras))
+    gate = engine.Gate(engine.bigg(servicer), monkeypatch)
+    with ThreadPoolExecutor(len(requests) + 1) as pool:
+        head, futures, _ = engine.overlapped(stub, servicer.engine, gate, monkeypatch, first, requests, pool)
+        head.result(engine.WAIT_S)
+        for future, want in zip(futures, solo):
+            engine.assert_close(future.result(engine.WAIT_S), want)
+    assert encodes == [["first"], ["a cat", "a bird"], [LONG], ["a (dog)0.5"]]
