@@ -2,8 +2,9 @@
 
 Follows `StableDiffusionXLPipeline.encode_prompt` in diffusers 0.42.1
 (pipelines/stable_diffusion_xl/pipeline_stable_diffusion_xl.py; the img2img pipeline's
-is the same code), without LoRA scaling, textual inversion or clip_skip. With
-prompt_syntax="compel", prompts are read and encoded as compel does (sdxl_core.weighted_prompts).
+is the same code), without textual inversion or clip_skip. LoRA adapters apply to the encoders through
+sdxl_core.lora's hooks, around this call. With prompt_syntax="compel", prompts are read and encoded as compel
+does (sdxl_core.weighted_prompts).
 """
 
 from __future__ import annotations
