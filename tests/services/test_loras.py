@@ -221,3 +221,36 @@ def test_concurrent_generates_with_different_adapters_each_equal_their_solo_run(
     for name in calls:  # a shared forward differs from a solo one by float noise (< 1e-4 in the latents)
         assert np.abs(together[name].astype(int) - solo[name].astype(int)).max() <= 1, name
     assert np.abs(solo["papercut"].astype(int) - solo["none"].astype(int)).max() > 10
+
+
+def test_the_text_encoder_joins_only_calls_with_the_same_adapters(tiny_model_dir, lora_dir, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sdxl.v1 import text_encoder_pb2, text_encoder_pb2_grpc
+    from sdxl_services import text_encoder
+    from tests.services import test_text_encoder_engine as engine
+
+    servicer = text_encoder.load_servicer(tiny_model_dir / "base", lora_dir=lora_dir)
+    server = text_encoder.make_server(servicer, "127.0.0.1:0")
+    try:
+        stub = text_encoder_pb2_grpc.TextEncoderStub(grpc.insecure_channel(f"127.0.0.1:{server.port}"))
+        R, base = text_encoder_pb2.EncodePromptRequest, text_encoder_pb2.TARGET_BASE
+        first = R(prompt=["first"], targets=[base])  # unguided: another key, held at the gate
+        requests = [R(prompt=["a cat"], targets=[base], guided=True, loras=adapters(text=1.0)),
+                    R(prompt=["a dog"], targets=[base], guided=True),
+                    R(prompt=["a bird"], targets=[base], guided=True, loras=adapters(text=1.0)),
+                    R(prompt=["a fox"], targets=[base], guided=True, loras=adapters(text=0.5))]
+        solo = [engine.encode(stub, r) for r in requests]
+        gate = engine.Gate(engine.bigg(servicer), monkeypatch)
+        with ThreadPoolExecutor(len(requests) + 1) as pool:
+            head, futures, _ = engine.overlapped(stub, servicer.engine, gate, monkeypatch, first, requests, pool)
+            head.result(engine.WAIT_S)
+            for future, want in zip(futures, solo):
+                engine.assert_close(future.result(engine.WAIT_S), want)
+        # bigG's forwards (no negative prompt: zeros, one pass each): first alone; the two calls with text at 1.0
+        # together; the one without adapters; the one with text at 0.5
+        assert gate.rows == [1, 2, 1, 1]
+        plain = engine.encode(stub, R(prompt=["a cat"], targets=[base], guided=True))
+        assert (plain["base/prompt_embeds"] - solo[0]["base/prompt_embeds"]).abs().max() > 1e-3
+    finally:
+        server.stop(0)
