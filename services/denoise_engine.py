@@ -1,8 +1,8 @@
 """The denoiser's engine: each iteration packs the rows of jobs at any step into one UNet forward.
 
 A job's rows (two per image with guidance) carry their own timestep, context, pooled embedding, time ids, LoRA
-adapters and, for an inpainting UNet, mask and masked image; each job's sampler then steps its own rows with its own state
-(sdxl_core.denoise.Denoising). Jobs of different latent sizes or context lengths run in separate forwards.
+adapters and, for an inpainting UNet, mask and masked image; each job's sampler then steps its own rows with its
+own state (sdxl_core.denoise.Denoising). Jobs of different latent sizes or context lengths run in separate forwards.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from sdxl.v1 import orchestrator_pb2, stage_pb2, tensor_pb2
 from sdxl_core.prompt_syntax import parse_prompt
-from sdxl_core.prompts import PROMPT_SYNTAXES
+from sdxl_core.prompts import check_prompt_syntax
 from sdxl_core.request import HIGH_NOISE_FRAC, SCHEDULER, Mode, from_pure_noise, guidance_scale_for, strength_for
 from sdxl_core.schedulers import SCHEDULERS, check_options
 
@@ -166,9 +166,7 @@ def _check_prompts(p) -> None:
 
 def _check_prompt_syntax(p) -> None:
     """A known syntax, and under "compel" prompts it reads (the text encoder checks their length)."""
-    if p.prompt_syntax not in ("", *PROMPT_SYNTAXES):
-        raise ValueError(f"`prompt_syntax` must be one of {', '.join(map(repr, PROMPT_SYNTAXES))}, "
-                         f"got {p.prompt_syntax!r}")
+    check_prompt_syntax(p.prompt_syntax or "plain")
     if p.prompt_syntax != "compel":
         return
     for name in ("prompt", "prompt_2", "negative_prompt", "negative_prompt_2"):

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TextIO
 
@@ -272,21 +273,27 @@ def _serving(address: str, timeout: float) -> bool:
 def wait_ready(child: Child, deadline: float, abort: threading.Event | None = None) -> None:
     """Wait for the "listening" line, then for health SERVING; LaunchError if it exits or time runs out."""
     abort = abort or threading.Event()
-    while not child.listening.wait(0.2):
-        if abort.is_set():
-            raise Aborted(f"stopped while waiting for {child.name}")
-        if child.process.poll() is not None:
-            raise LaunchError(child.describe_failure("exited before listening"))
-        if time.monotonic() > deadline:
-            raise LaunchError(child.describe_failure("printed no 'listening on' line in time"))
-    while not _serving(child.address, timeout=1.0):
-        if abort.is_set():
-            raise Aborted(f"stopped while waiting for {child.name}")
-        if child.process.poll() is not None:
-            raise LaunchError(child.describe_failure("exited before SERVING"))
-        if time.monotonic() > deadline:
-            raise LaunchError(child.describe_failure("did not report SERVING in time"))
+
+    def serving() -> bool:
+        if _serving(child.address, timeout=1.0):
+            return True
         time.sleep(0.2)
+        return False
+
+    _wait(child, deadline, abort, lambda: child.listening.wait(0.2), "listening", "printed no 'listening on' line")
+    _wait(child, deadline, abort, serving, "SERVING", "did not report SERVING")
+
+
+def _wait(child: Child, deadline: float, abort: threading.Event, ready: Callable[[], bool], state: str,
+          late: str) -> None:
+    """Poll `ready` until true; Aborted on `abort`, LaunchError if the child exits or the deadline passes."""
+    while not ready():
+        if abort.is_set():
+            raise Aborted(f"stopped while waiting for {child.name}")
+        if child.process.poll() is not None:
+            raise LaunchError(child.describe_failure(f"exited before {state}"))
+        if time.monotonic() > deadline:
+            raise LaunchError(child.describe_failure(f"{late} in time"))
 
 
 def stop(children: list[Child], grace_s: float = 30.0) -> dict[str, int]:

@@ -15,6 +15,7 @@ from sdxl_wire import FLOAT_DTYPES
 from . import allocator, logs, metrics, tracing
 from .auth import read_token
 from .engine import POLICIES
+from .loras import CACHE_SIZE as LORA_CACHE
 from .server import Pending, Server, ServerOptions
 from .tls import ChannelTls, ServerTls
 
@@ -52,8 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lora-dir", metavar="DIR",
                         help="text_encoder, base, refiner: LoRA adapters (.safetensors, kohya or diffusers format) "
                              "that requests name by file stem; new files are found without a restart")
-    parser.add_argument("--lora-cache", type=int, default=8, metavar="N",
-                        help="adapters kept loaded per model, least recently used out (default 8)")
+    parser.add_argument("--lora-cache", type=int, default=LORA_CACHE, metavar="N",
+                        help=f"adapters kept loaded per model, least recently used out (default {LORA_CACHE})")
     parser.add_argument("--max-pixels", type=int, default=2048 * 2048, metavar="PIXELS",
                         help="base, refiner, vae: pixels per image one call may ask for, checked before any work "
                              "(default 2048 x 2048; the vae also bounds an encoded image's side by its square root)")

@@ -19,7 +19,7 @@ from sdxl_core.loading import load_single_file, load_text_encoder
 from sdxl_core.loading.folder import read_json
 from sdxl_core.loading.hub import model_folder
 from sdxl_core.lora import Loras, applied
-from sdxl_core.prompts import PROMPT_SYNTAXES, PromptEmbeddings, encode_prompt
+from sdxl_core.prompts import PromptEmbeddings, check_prompt_syntax, encode_prompt
 from sdxl_core.tokenizers import load_tokenizer
 from sdxl_core.weighted_prompts import prompt_size
 from sdxl_wire.tensors import DTYPES, packed_chunks, wire_dtype
@@ -58,11 +58,11 @@ class Prompts:
     zeros: bool  # guided without a negative prompt: a model that forces zeros for empty prompts sends zeros
     targets: tuple[int, ...]
     prompt_syntax: str = "plain"
-    loras: dict[int, tuple] = field(default_factory=dict)  # target -> (adapter name, weight) pairs
-    adapters: dict[int, Loras] = field(default_factory=dict, compare=False)  # ... loaded
+    adapters: dict[int, Loras] = field(default_factory=dict)  # target -> the loaded LoRA adapters and weights
 
     @classmethod
-    def of(cls, request: text_encoder_pb2.EncodePromptRequest, targets: list[int]) -> Prompts:
+    def of(cls, request: text_encoder_pb2.EncodePromptRequest, targets: list[int],
+           adapters: dict[int, Loras]) -> Prompts:
         """A checked request's strings; `x or default` as encode_prompt has it, so a lone "" takes the default."""
         prompt, batch = list(request.prompt), len(request.prompt)
         prompt_2 = _one_or_list(request.prompt_2) or prompt
@@ -70,14 +70,13 @@ class Prompts:
         negative_2 = _one_or_list(request.negative_prompt_2) or negative
         return cls(prompt, _per_prompt(prompt_2, batch), _per_prompt(negative, batch), _per_prompt(negative_2, batch),
                    request.num_images_per_prompt or 1, request.guided, request.guided and not request.negative_prompt,
-                   tuple(targets), request.prompt_syntax or "plain",
-                   {text_encoder_pb2.TARGET_BASE: adapter_key(request.loras),
-                    text_encoder_pb2.TARGET_REFINER: adapter_key(request.refiner_loras)})
+                   tuple(targets), request.prompt_syntax or "plain", adapters)
 
     @property
     def key(self) -> tuple:
         """Calls of one key share one encode_prompt call per target."""
-        return self.targets, self.guided, self.zeros, self.prompt_syntax, tuple(sorted(self.loras.items()))
+        loras = tuple((target, frozenset(self.adapters[target].items())) for target in self.targets)
+        return self.targets, self.guided, self.zeros, self.prompt_syntax, loras
 
     @property
     def joins(self) -> bool:
@@ -170,9 +169,7 @@ def check_request(request: text_encoder_pb2.EncodePromptRequest, available: dict
         if target not in available:
             name = text_encoder_pb2.Target.Name(target)
             raise FailedPrecondition(f"{name} requested, but this text encoder serves no {TARGET_NAMES[target]} model")
-    if request.prompt_syntax not in ("", *PROMPT_SYNTAXES):
-        raise ValueError(f"`prompt_syntax` must be one of {', '.join(map(repr, PROMPT_SYNTAXES))}, "
-                         f"got {request.prompt_syntax!r}")
+    check_prompt_syntax(request.prompt_syntax or "plain")
     if request.prompt_syntax == "compel":
         check_compel_prompts(request, available[targets[0]].tokenizers[-1])
     return targets
@@ -219,7 +216,7 @@ class TextEncoderEngine(Engine):
             self.serve(job)
         tensors = [{} for _ in batch]
         for target in lead.targets:
-            encodings = self.encoders[target].encode([job.work for job in batch], lead.adapters.get(target))
+            encodings = self.encoders[target].encode([job.work for job in batch], lead.adapters[target])
             for out, embeddings in zip(tensors, encodings):
                 out.update({f"{TARGET_NAMES[target]}/{name}": t for name, t in vars(embeddings).items()
                             if t is not None})
@@ -247,9 +244,12 @@ class TextEncoderServicer(text_encoder_pb2_grpc.TextEncoderServicer):
 
     def EncodePrompt(self, request, context) -> Iterator[text_encoder_pb2.EncodePromptResponse]:
         """Checked here; encoded on the engine's worker with the calls it holds; the tensors relayed from here."""
-        prompts = Prompts.of(request, check_request(request, self.encoders))
-        for target in prompts.targets:  # loaded before any work; an unknown adapter is the caller's error
-            prompts.adapters[target] = self.encoders[target].loras.resolve(prompts.loras[target])
+        targets = check_request(request, self.encoders)
+        requested = {text_encoder_pb2.TARGET_BASE: request.loras,
+                     text_encoder_pb2.TARGET_REFINER: request.refiner_loras}
+        # loaded before any work: an unknown adapter is the caller's error
+        adapters = {t: self.encoders[t].loras.resolve(adapter_key(requested[t])) for t in targets}
+        prompts = Prompts.of(request, targets, adapters)
         metrics.observe_batch("text_encoder", "EncodePrompt", prompts.rows * prompts.num_images_per_prompt)
         job = self.engine.submit(Job(prompts, priority(request.priority), calls.deadline(context),
                                      calls.watch(context)))

@@ -66,11 +66,16 @@ def layer_names(component: str, model: nn.Module) -> dict[str, str]:
             if component == "text_encoder":
                 names["lora_te_" + path.replace(".", "_")] = path
     if component == "unet":  # sgm's names, as the original checkpoint has them
-        for pair in unet_keymap(model.config):
-            original, ours = pair.original.removesuffix(".weight"), pair.model[0].removesuffix(".weight")
-            if pair.original.endswith(".weight") and ours in names:
+        for ours, original in sgm_layer_names(model.config).items():
+            if ours in names:
                 names[kohya + original.replace(".", "_")] = ours
     return names
+
+
+def sgm_layer_names(config) -> dict[str, str]:
+    """The UNet's layers: diffusers' module path -> sgm's (the original checkpoint's, kohya's first layout)."""
+    return {p.model[0].removesuffix(".weight"): p.original.removesuffix(".weight")
+            for p in unet_keymap(config) if p.original.endswith(".weight")}
 
 
 def split_key(key: str) -> tuple[str, str, str]:

@@ -10,8 +10,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from sdxl_core.loading.keymaps_unet import unet_keymap
-from sdxl_core.lora.files import METADATA_KEY
+from sdxl_core.lora.files import METADATA_KEY, sgm_layer_names
 
 # Layers = {component: {module path: (down, up, alpha)}}
 Layers = Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor, float]]]
@@ -33,7 +32,8 @@ def random_layers(models: Mapping[str, nn.Module], rank: int, seed: int, alpha: 
             if isinstance(module, nn.Linear):
                 down_shape, up_shape = (rank, module.in_features), (module.out_features, rank)
             else:
-                down_shape, up_shape = (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, 1, 1)
+                down_shape = (rank, module.in_channels, *module.kernel_size)
+                up_shape = (module.out_channels, rank, 1, 1)
             down = torch.randn(down_shape, generator=generator) * std
             up = torch.randn(up_shape, generator=generator) * std
             terms[path] = (down, up, float(rank if alpha is None else alpha))
@@ -43,10 +43,7 @@ def random_layers(models: Mapping[str, nn.Module], rank: int, seed: int, alpha: 
 
 def kohya_tensors(layers: Layers, unet: nn.Module | None = None) -> dict[str, torch.Tensor]:
     """sd-scripts' names; given the UNet, its layers under sgm's original names (as most published SDXL LoRAs)."""
-    original = {}
-    if unet is not None:
-        original = {p.model[0].removesuffix(".weight"): p.original.removesuffix(".weight")
-                    for p in unet_keymap(unet.config) if p.original.endswith(".weight")}
+    original = {} if unet is None else sgm_layer_names(unet.config)
     prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
     tensors = {}
     for component, terms in layers.items():
